@@ -1,0 +1,1 @@
+"""ovirt-cinder: oVirt-style storage domains for OpenStack Cinder and Glance."""

@@ -1,0 +1,451 @@
+"""Storage pools: the public API of the engine.
+
+A pool is a UUID and the file domains whose metadata names it; one of them
+is the master (``ROLE=Master``) and keeps the pool's task logbook in
+``master/tasks``. A pool is opened from the mount paths that hold its
+domains (``<mount>/<sd_id>``), which is what a Cinder backend or the CLI is
+configured with.
+
+Every mutating method reads the image, plans the operation (chooses ids,
+direction of a merge, what becomes garbage), then runs the matching flow
+of :mod:`flows` under the domain lease. Methods return
+:class:`image.Volume` objects re-read from storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ovirt_cinder.storage import actions
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import description
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import fileutil
+from ovirt_cinder.storage import flows
+from ovirt_cinder.storage import image
+from ovirt_cinder.storage import lease
+from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage import sd
+from ovirt_cinder.storage import validate
+
+__all__ = ["StoragePool"]
+
+LOG = logging.getLogger(__name__)
+
+TASKS_DIR = "tasks"
+
+
+class StoragePool:
+    """A pool of file domains, with the operations of DESIGN.md §4."""
+
+    def __init__(self, pool_id: str, domains: Iterable[sd.FileDomain], *,
+                 lease_manager: lease.LeaseManager | None = None,
+                 flow_connection: str | None = None,
+                 listeners: Iterable[Callable[[Any], Any]] = ()) -> None:
+        self.pool_id = validate.check_uuid(pool_id, "pool id")
+        self.domains = {d.sd_id: d for d in domains}
+        self.lease_manager = lease_manager or lease.LocalLeaseManager()
+        self._flow_connection = flow_connection
+        self._listeners = list(listeners)
+        self._runner: flows.FlowRunner | None = None
+
+    # Opening and creating
+
+    @classmethod
+    def open(cls, mounts: Iterable[str], pool_id: str | None = None,
+             **kwargs: Any) -> StoragePool:
+        """Open the pool whose domains are under ``mounts``."""
+        found = [d for m in mounts for d in sd.find_domains(m)]
+        if pool_id is None:
+            masters = {d.pool_id for d in found if d.is_master}
+            if len(masters) != 1:
+                raise errors.InvalidParameter(
+                    name="mounts", value=list(mounts),
+                    reason=f"{len(masters)} pools found; give a pool id")
+            pool_id = masters.pop()
+        domains = [d for d in found if d.pool_id == pool_id]
+        if not any(d.is_master for d in domains):
+            raise errors.DomainNotFound(sd_id=f"master of pool {pool_id}")
+        return cls(pool_id, domains, **kwargs)
+
+    @classmethod
+    def create(cls, mount: str, *, pool_id: str | None = None,
+               sd_id: str | None = None, description: str = "",
+               domain_type: sc.DomainType = sc.DomainType.LOCALFS,
+               **kwargs: Any) -> StoragePool:
+        """Create a pool with its master domain in ``mount``."""
+        pool_id = pool_id or validate.new_uuid()
+        master = sd.create_domain(
+            mount, sd_id=sd_id or validate.new_uuid(), pool_id=pool_id,
+            description=description, domain_type=domain_type,
+            role=sc.DomainRole.MASTER)
+        return cls(pool_id, [master], **kwargs)
+
+    def add_domain(self, mount: str, *, sd_id: str | None = None,
+                   description: str = "",
+                   domain_type: sc.DomainType = sc.DomainType.LOCALFS
+                   ) -> sd.FileDomain:
+        dom = sd.create_domain(
+            mount, sd_id=sd_id or validate.new_uuid(), pool_id=self.pool_id,
+            description=description, domain_type=domain_type)
+        self.domains[dom.sd_id] = dom
+        return dom
+
+    # Domains and flows
+
+    @property
+    def master(self) -> sd.FileDomain:
+        for dom in self.domains.values():
+            if dom.is_master:
+                return dom
+        raise errors.DomainNotFound(sd_id=f"master of pool {self.pool_id}")
+
+    def domain(self, sd_id: str) -> sd.FileDomain:
+        try:
+            return self.domains[validate.check_uuid(sd_id, "domain id")]
+        except KeyError:
+            raise errors.DomainNotFound(sd_id=sd_id)
+
+    @property
+    def runner(self) -> flows.FlowRunner:
+        if self._runner is None:
+            conn = self._flow_connection or os.path.join(
+                self.master.master_dir, TASKS_DIR)
+            self._runner = flows.FlowRunner(conn, listeners=self._listeners)
+        return self._runner
+
+    @contextlib.contextmanager
+    def _leases(self, domains: Iterable[sd.FileDomain]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for dom in sorted(set(domains), key=lambda d: d.sd_id):
+                stack.enter_context(self.lease_manager.domain_lease(dom))
+            yield
+
+    def _run(self, factory: Callable[..., Any],
+             domains: Iterable[sd.FileDomain], **kwargs: Any) -> None:
+        domains = list(domains)
+        with self._leases(domains):
+            self.runner.run(factory, domains=[d.sd_id for d in domains],
+                            **kwargs)
+
+    def recover(self) -> list[tuple[str, str]]:
+        """Finish or revert every unfinished flow; return (name, outcome).
+
+        Recovery takes the same domain leases the flow's owner held, so it
+        waits for a live owner instead of racing it.
+        """
+        done = []
+        for book, detail in list(self.runner.unfinished()):
+            ids = (book.meta or {}).get("domains", [])
+            domains = [self.domains[i] for i in ids if i in self.domains]
+            with self._leases(domains):
+                outcome = self.runner.recover(book, detail)
+            LOG.info("Recovered flow %s: %s", detail.name, outcome)
+            done.append((detail.name, outcome))
+        return done
+
+    # Reading
+
+    def list_images(self, sd_id: str) -> list[str]:
+        return self.domain(sd_id).list_images()
+
+    def image(self, sd_id: str, img_id: str) -> image.ImageTree:
+        dom = self.domain(sd_id)
+        if not dom.has_image(img_id):
+            raise errors.ImageNotFound(sd_id=sd_id, img_id=img_id)
+        return image.load(dom, img_id)
+
+    def leaf(self, sd_id: str, img_id: str) -> image.Volume:
+        return self.image(sd_id, img_id).leaf()
+
+    def find_image(self, img_id: str) -> str:
+        """The id of the domain holding ``img_id``."""
+        for sd_id, dom in sorted(self.domains.items()):
+            if dom.has_image(img_id):
+                return sd_id
+        raise errors.ImageNotFound(sd_id="*", img_id=img_id)
+
+    # Creating
+
+    def create_volume(self, sd_id: str, img_id: str, size: int, *,
+                      fmt: sc.VolumeFormat = sc.VolumeFormat.COW,
+                      prealloc: sc.Preallocation = sc.Preallocation.SPARSE,
+                      voltype: sc.VolumeType = sc.VolumeType.LEAF,
+                      vol_id: str | None = None,
+                      description: str = "") -> image.Volume:
+        """A new image with one empty volume."""
+        dom = self.domain(sd_id)
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.create_image, [dom], sd_path=dom.path,
+                  img_id=validate.check_uuid(img_id, "image id"),
+                  vol_id=vol_id, capacity=_check_size(size),
+                  fmt=str(fmt), prealloc=str(prealloc),
+                  voltype=str(voltype), description=description)
+        return self.image(sd_id, img_id).get(vol_id)
+
+    def import_volume(self, sd_id: str, img_id: str, src: str,
+                      src_fmt: str, capacity: int, *,
+                      fmt: sc.VolumeFormat = sc.VolumeFormat.RAW,
+                      prealloc: sc.Preallocation = sc.Preallocation.SPARSE,
+                      voltype: sc.VolumeType = sc.VolumeType.LEAF,
+                      vol_id: str | None = None,
+                      description: str = "") -> image.Volume:
+        """A new image filled from ``src``, which the caller inspected."""
+        dom = self.domain(sd_id)
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.import_image, [dom], sd_path=dom.path,
+                  img_id=validate.check_uuid(img_id, "image id"),
+                  vol_id=vol_id, capacity=_check_size(capacity),
+                  fmt=str(fmt), prealloc=str(prealloc), src=src,
+                  src_fmt=src_fmt, voltype=str(voltype),
+                  description=description)
+        return self.image(sd_id, img_id).get(vol_id)
+
+    # Snapshots
+
+    def snapshot(self, sd_id: str, img_id: str, snap_id: str, *,
+                 vol_id: str | None = None) -> image.Volume:
+        """Freeze the leaf as ``snap_id``; return the frozen volume."""
+        validate.check_uuid(snap_id, "snapshot id")
+        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
+        if snap_id in tree.snapshots():
+            raise errors.InvalidOperation(
+                operation="snapshot", reason=f"{snap_id} exists")
+        leaf = tree.leaf()
+        self._run(flows.snapshot, [dom], sd_path=dom.path, img_id=img_id,
+                  leaf_id=leaf.vol_id, vol_id=self._new_volume_id(vol_id),
+                  snap_id=snap_id, capacity=leaf.meta.capacity,
+                  leaf_description=leaf.meta.description,
+                  snap_description=description.update(
+                      leaf.meta.description, snap=snap_id),
+                  sequence=_next_sequence(tree))
+        return self.image(sd_id, img_id).get(leaf.vol_id)
+
+    def delete_snapshot(self, sd_id: str, img_id: str,
+                        snap_id: str) -> None:
+        """Drop a snapshot, merging its volume away where possible."""
+        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
+        snap = tree.find_snapshot(snap_id)
+        children = tree.children(snap.vol_id)
+        hide = description.update(snap.meta.description, snap=None)
+        if len(children) > 1:
+            # Others still read through it: keep it as an anonymous layer.
+            self._run(flows.update_volume, [dom], sd_path=dom.path,
+                      img_id=img_id, vol_id=snap.vol_id,
+                      changes={"description": hide},
+                      undo={"description": snap.meta.description})
+        elif not children:
+            garbage = [snap.vol_id, *_anonymous_ancestors(tree, snap)]
+            self._run(flows.remove_volume, [dom], sd_path=dom.path,
+                      img_id=img_id, vol_ids=garbage)
+        else:
+            self._merge(dom, tree, snap, tree.get(children[0]))
+
+    def _merge(self, dom: sd.FileDomain, tree: image.ImageTree,
+               base: image.Volume, top: image.Volume) -> None:
+        """Merge ``top`` with its parent ``base``, copying less data."""
+        if _prefer_commit(base, top):
+            self._run(flows.merge_commit, [dom], sd_path=dom.path,
+                      img_id=tree.img_id, base_id=base.vol_id,
+                      top_id=top.vol_id,
+                      grandchildren=tree.children(top.vol_id),
+                      base_undo={"legality": "LEGAL"},
+                      base_changes={
+                          "voltype": str(top.meta.voltype),
+                          "description": top.meta.description,
+                          "capacity": max(top.meta.capacity,
+                                          base.meta.capacity)})
+        else:
+            self._run(flows.merge_stream, [dom], sd_path=dom.path,
+                      img_id=tree.img_id, base_id=base.vol_id,
+                      top_id=top.vol_id, new_parent=base.parent)
+
+    def revert_to_snapshot(self, sd_id: str, img_id: str, snap_id: str, *,
+                           vol_id: str | None = None) -> image.Volume:
+        """Replace the leaf with a fresh overlay on the snapshot."""
+        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
+        snap = tree.find_snapshot(snap_id)
+        leaf = tree.leaf()
+        garbage = [v for v in _anonymous_ancestors(tree, leaf)
+                   if v != snap.vol_id]
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.revert, [dom], sd_path=dom.path, img_id=img_id,
+                  leaf_id=leaf.vol_id, snap_vol_id=snap.vol_id,
+                  vol_id=vol_id, capacity=snap.meta.capacity,
+                  sequence=_next_sequence(tree), garbage=garbage)
+        return self.image(sd_id, img_id).get(vol_id)
+
+    # Copies
+
+    def clone(self, sd_id: str, src_img_id: str, img_id: str, *,
+              snap_id: str | None = None, dst_sd_id: str | None = None,
+              size: int | None = None,
+              fmt: sc.VolumeFormat | None = None,
+              prealloc: sc.Preallocation = sc.Preallocation.SPARSE,
+              vol_id: str | None = None) -> image.Volume:
+        """A new image holding a full copy of the leaf or a snapshot."""
+        src_dom, tree = self.domain(sd_id), self.image(sd_id, src_img_id)
+        src = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+        dst_dom = self.domain(dst_sd_id or sd_id)
+        size = _check_size(max(size or 0, src.meta.capacity))
+        fmt = fmt or src.meta.format
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.clone, [src_dom, dst_dom], src_sd_path=src_dom.path,
+                  src_img_id=src_img_id, src_vol_id=src.vol_id,
+                  sd_path=dst_dom.path,
+                  img_id=validate.check_uuid(img_id, "image id"),
+                  vol_id=vol_id, capacity=size, fmt=str(fmt),
+                  prealloc=str(prealloc))
+        return self.image(dst_dom.sd_id, img_id).get(vol_id)
+
+    def thin_clone(self, sd_id: str, tmpl_img_id: str, img_id: str, *,
+                   size: int | None = None,
+                   vol_id: str | None = None) -> image.Volume:
+        """A new image over a template (SHARED volume): O(1)."""
+        dom, tree = self.domain(sd_id), self.image(sd_id, tmpl_img_id)
+        tmpl = tree.template()
+        if tmpl is None:
+            raise errors.InvalidOperation(
+                operation="thin clone",
+                reason=f"image {tmpl_img_id} is not a template")
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.thin_clone, [dom], sd_path=dom.path,
+                  tmpl_img_id=tmpl_img_id, tmpl_vol_id=tmpl.vol_id,
+                  img_id=validate.check_uuid(img_id, "image id"),
+                  vol_id=vol_id,
+                  capacity=_check_size(max(size or 0, tmpl.meta.capacity)))
+        return self.image(sd_id, img_id).get(vol_id)
+
+    def copy_image(self, sd_id: str, img_id: str, dst_sd_id: str, *,
+                   move: bool = False) -> image.ImageTree:
+        """Copy an image with its snapshots to another domain."""
+        src_dom, dst_dom = self.domain(sd_id), self.domain(dst_sd_id)
+        if src_dom is dst_dom:
+            raise errors.InvalidOperation(operation="copy image",
+                                          reason="same domain")
+        tree = self.image(sd_id, img_id)
+        problems = tree.check()
+        if problems:
+            raise problems[0]
+        templates = [v for v in tree.volumes.values()
+                     if v.meta.image != img_id]
+        for t in templates:
+            if not dst_dom.has_image(t.meta.image):
+                self.copy_image(sd_id, t.meta.image, dst_sd_id)
+        self._run(flows.copy_image, [src_dom, dst_dom],
+                  src_sd_path=src_dom.path, img_id=img_id,
+                  sd_path=dst_dom.path, volumes=_volumes_in_order(tree),
+                  templates=[{"img_id": t.meta.image, "vol_id": t.vol_id}
+                             for t in templates],
+                  remove_source=move)
+        return self.image(dst_sd_id, img_id)
+
+    def export_volume(self, sd_id: str, img_id: str, dst: str, *,
+                      fmt: str = "raw",
+                      snap_id: str | None = None) -> None:
+        """Write the leaf's (or a snapshot's) whole view into ``dst``."""
+        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
+        vol = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+        with self._leases([dom]):
+            actions.do_export(dom.path, img_id, vol.vol_id, dst, fmt)
+
+    # Changing and removing
+
+    def extend(self, sd_id: str, img_id: str, size: int) -> image.Volume:
+        dom, leaf = self.domain(sd_id), self.leaf(sd_id, img_id)
+        if size < leaf.meta.capacity:
+            raise errors.InvalidOperation(
+                operation="extend", reason=f"{size} is smaller than "
+                f"the current size {leaf.meta.capacity}")
+        if size > leaf.meta.capacity:
+            self._run(flows.extend, [dom], sd_path=dom.path, img_id=img_id,
+                      vol_id=leaf.vol_id, size=_check_size(size),
+                      old_size=leaf.meta.capacity)
+        return self.leaf(sd_id, img_id)
+
+    def delete_image(self, sd_id: str, img_id: str) -> bool:
+        """Remove an image; return False if it was already gone.
+
+        Template volumes shared into the image by hard links stay alive
+        for every other image that links them.
+        """
+        dom = self.domain(sd_id)
+        if not dom.has_image(img_id):
+            fileutil.remove_tree(dom.removed_image_dir(img_id))
+            return False
+        self._run(flows.remove_image, [dom], sd_path=dom.path,
+                  img_id=img_id)
+        return True
+
+    def _new_volume_id(self, vol_id: str | None) -> str:
+        if vol_id is None:
+            return validate.new_uuid()
+        return validate.check_uuid(vol_id, "volume id")
+
+
+def _check_size(size: int) -> int:
+    if not isinstance(size, int) or size <= 0 or size % sc.BLOCK_SIZE_512:
+        raise errors.InvalidParameter(
+            name="size", value=size,
+            reason="a positive multiple of 512 bytes")
+    return size
+
+
+def _next_sequence(tree: image.ImageTree) -> int:
+    return 1 + max((v.meta.sequence for v in tree.own_volumes()), default=0)
+
+
+def _anonymous_ancestors(tree: image.ImageTree,
+                         vol: image.Volume) -> list[str]:
+    """Ancestors that only ``vol`` keeps alive (no snapshot, one child)."""
+    garbage = []
+    while vol.parent and vol.parent in tree:
+        parent = tree.get(vol.parent)
+        if (parent.meta.image != tree.img_id or parent.snapshot_id
+                or parent.meta.voltype != sc.VolumeType.INTERNAL
+                or tree.children(parent.vol_id) != [vol.vol_id]):
+            break
+        garbage.append(parent.vol_id)
+        vol = parent
+    return garbage
+
+
+def _prefer_commit(base: image.Volume, top: image.Volume) -> bool:
+    """Commit ``top`` into ``base`` unless streaming copies less.
+
+    Committing copies the top's allocated data into the base; streaming
+    copies the base's data into the top. A base shared with other images
+    cannot change, so it is always streamed.
+    """
+    if base.meta.voltype == sc.VolumeType.SHARED:
+        return False
+    return (qemuimg.allocated_bytes(top.path, fmt=top.qemu_format)
+            <= qemuimg.allocated_bytes(base.path, fmt=base.qemu_format))
+
+
+def _volumes_in_order(tree: image.ImageTree) -> list[dict[str, Any]]:
+    """Own volumes, every parent before its children."""
+    own = {v.vol_id: v for v in tree.own_volumes()}
+    ordered: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def visit(vol: image.Volume) -> None:
+        if vol.vol_id in seen:
+            return
+        if vol.parent in own:
+            visit(own[vol.parent])
+        seen.add(vol.vol_id)
+        m = vol.meta
+        ordered.append({
+            "vol_id": vol.vol_id, "capacity": m.capacity,
+            "format": str(m.format), "type": str(m.type),
+            "parent": vol.parent, "voltype": str(m.voltype),
+            "description": m.description, "sequence": m.sequence})
+
+    for vol in sorted(own.values(), key=lambda v: v.meta.sequence):
+        visit(vol)
+    return ordered

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+
+from ovirt_cinder.storage import pool as pool_mod
+
+
+@pytest.fixture
+def mount(tmp_path):
+    path = tmp_path / "mnt1"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def mount2(tmp_path):
+    path = tmp_path / "mnt2"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def pool(mount):
+    return pool_mod.StoragePool.create(mount, description="test pool")
+
+
+@pytest.fixture
+def sd_id(pool):
+    return pool.master.sd_id
+
+
+def leftovers(dom_path):
+    """Work-in-progress names that must never survive an operation."""
+    found = []
+    for root, dirs, files in os.walk(dom_path):
+        for name in dirs + files:
+            if name.startswith((".tmp-", "_remove_me_")) or name.endswith(
+                    ".new"):
+                found.append(os.path.join(root, name))
+    return found
