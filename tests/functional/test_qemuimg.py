@@ -1,0 +1,568 @@
+"""qemuimg against the real qemu-img, on images built in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from ovirt_cinder.storage import errors, qemuimg
+from ovirt_cinder.storage.constants import GiB, KiB, MiB
+from tests import qemuio
+
+FORMATS = ["raw", "qcow2"]
+
+# qemu-img allocates the first block of a new raw image (to probe the
+# alignment), so a raw image has this much data even when "empty".
+RAW_HEAD = 4 * KiB
+
+
+def head(fmt: str) -> int:
+    return RAW_HEAD if fmt == "raw" else 0
+
+
+@pytest.fixture(params=FORMATS)
+def fmt(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def image(tmp_path, name, fmt, size=4 * MiB, **kw) -> str:
+    path = str(tmp_path / name)
+    qemuimg.create(path, fmt, size, **kw)
+    return path
+
+
+def chain(tmp_path, base_fmt="qcow2"):
+    """base: 0xaa at 0-1M, 0xcc at 3M-4M; top: 0xbb at 1M-2M, 64K zeros
+    at 3M (a zero cluster shadowing the base)."""
+    base = image(tmp_path, "base", base_fmt)
+    qemuio.write_pattern(base, base_fmt, 0, MiB, 0xaa)
+    qemuio.write_pattern(base, base_fmt, 3 * MiB, MiB, 0xcc)
+    top = image(tmp_path, "top", "qcow2", None, backing=base,
+                backing_fmt=base_fmt)
+    qemuio.write_pattern(top, "qcow2", MiB, MiB, 0xbb)
+    qemuio.write_zeroes(top, "qcow2", 3 * MiB, 64 * KiB)
+    return base, top
+
+
+def verify_chain(path, fmt="qcow2"):
+    qemuio.verify_pattern(path, fmt, 0, MiB, 0xaa)
+    qemuio.verify_pattern(path, fmt, MiB, MiB, 0xbb)
+    qemuio.verify_zero(path, fmt, 2 * MiB, MiB)
+    qemuio.verify_zero(path, fmt, 3 * MiB, 64 * KiB)
+    qemuio.verify_pattern(path, fmt, 3 * MiB + 64 * KiB, MiB - 64 * KiB,
+                          0xcc)
+
+
+# info
+
+
+def test_info(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, 3 * MiB)
+    info = qemuimg.info(path)
+    assert info.filename == path
+    assert info.format == fmt
+    assert info.virtual_size == 3 * MiB
+    assert info.actual_size >= 0
+    assert info.backing_filename is None
+    assert info.backing_format is None
+    assert info.data_file is None
+    assert not info.dirty and not info.corrupt
+    if fmt == "qcow2":
+        assert (info.compat, info.cluster_size) == ("1.1", 64 * KiB)
+    else:
+        assert (info.compat, info.cluster_size) == (None, None)
+
+
+def test_info_backing(tmp_path, fmt):
+    base, top = chain(tmp_path, fmt)
+    info = qemuimg.info(top, "qcow2")
+    assert info.backing_filename == base
+    assert info.backing_format == fmt
+    assert info.virtual_size == 4 * MiB
+
+
+def test_info_data_file(tmp_path):
+    path, data = str(tmp_path / "img"), str(tmp_path / "data")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o",
+                    f"data_file={data}", path, "1M"], check=True,
+                   capture_output=True)
+    assert qemuimg.info(path, "qcow2").data_file == data
+
+
+def test_info_missing(tmp_path):
+    path = str(tmp_path / "missing")
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.info(path, "qcow2")
+    assert e.value.cmd == "info"
+    assert e.value.rc == 1
+    assert "No such file" in e.value.err
+    assert e.value.argv[:2] == ["qemu-img", "info"]
+    assert path in e.value.argv
+
+
+def test_info_untrusted(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, MiB)
+    info = qemuimg.info(path, fmt, untrusted=True)
+    assert (info.format, info.virtual_size) == (fmt, MiB)
+
+
+def test_info_untrusted_never_probes(tmp_path):
+    path = image(tmp_path, "img", "qcow2", GiB)
+    with pytest.raises(ValueError):
+        qemuimg.info(path, untrusted=True)
+    info = qemuimg.info(path, "raw", untrusted=True)
+    assert info.format == "raw"
+    assert info.virtual_size < MiB
+
+
+def test_info_untrusted_runs_under_limits(tmp_path):
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.info(str(tmp_path / "missing"), "raw", untrusted=True)
+    assert e.value.argv[:4] == ["prlimit", "--cpu=30",
+                                f"--as={GiB}", "qemu-img"]
+
+
+def test_info_untrusted_limit_enforced(tmp_path, monkeypatch):
+    path = image(tmp_path, "img", "qcow2", MiB)
+    monkeypatch.setattr(qemuimg, "UNTRUSTED_ADDRESS_SPACE", 8 * MiB)
+    with pytest.raises(errors.QemuImgError):
+        qemuimg.info(path, "qcow2", untrusted=True)
+
+
+# create
+
+
+def test_create_bad_format(tmp_path):
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.create(str(tmp_path / "img"), "bogus", MiB)
+    assert (e.value.cmd, e.value.rc) == ("create", 1)
+    assert "bogus" in e.value.err
+
+
+def test_create_backing_needs_format(tmp_path):
+    base = image(tmp_path, "base", "raw")
+    with pytest.raises(ValueError):
+        qemuimg.create(str(tmp_path / "top"), "qcow2", backing=base)
+
+
+def test_create_bad_preallocation(tmp_path):
+    with pytest.raises(ValueError):
+        qemuimg.create(str(tmp_path / "img"), "raw", MiB,
+                       preallocation="sparse")
+
+
+def test_create_compat_and_cluster_size(tmp_path):
+    path = image(tmp_path, "img", "qcow2", MiB, compat="0.10",
+                 cluster_size=128 * KiB)
+    info = qemuimg.info(path)
+    assert (info.compat, info.cluster_size) == ("0.10", 128 * KiB)
+
+
+@pytest.mark.parametrize("fmt,prealloc", [("raw", "full"),
+                                          ("qcow2", "falloc")])
+def test_create_preallocated(tmp_path, fmt, prealloc):
+    path = image(tmp_path, "img", fmt, 4 * MiB, preallocation=prealloc)
+    assert qemuimg.info(path).actual_size >= 4 * MiB
+    qemuio.verify_zero(path, fmt, 0, 4 * MiB)
+
+
+def test_create_sparse(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, GiB)
+    assert qemuimg.info(path).actual_size < MiB
+    assert qemuimg.allocated_bytes(path, fmt=fmt) == head(fmt)
+
+
+def test_create_size_from_backing(tmp_path, fmt):
+    base = image(tmp_path, "base", fmt, 3 * MiB)
+    top = image(tmp_path, "top", "qcow2", None, backing=base,
+                backing_fmt=fmt)
+    assert qemuimg.info(top).virtual_size == 3 * MiB
+
+
+# convert
+
+
+@pytest.mark.parametrize("dst_fmt", FORMATS)
+def test_convert(tmp_path, fmt, dst_fmt):
+    src = image(tmp_path, "src", fmt, 16 * MiB)
+    qemuio.write_pattern(src, fmt, 2 * MiB, MiB, 0x55)
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt=fmt, dst_fmt=dst_fmt)
+    assert qemuimg.info(dst, dst_fmt).virtual_size == 16 * MiB
+    qemuio.verify_zero(dst, dst_fmt, 0, 2 * MiB)
+    qemuio.verify_pattern(dst, dst_fmt, 2 * MiB, MiB, 0x55)
+    qemuio.verify_zero(dst, dst_fmt, 3 * MiB, 13 * MiB)
+    # Sparse output: only the written MiB is allocated.
+    assert qemuimg.allocated_bytes(dst, fmt=dst_fmt) == MiB + head(dst_fmt)
+
+
+def test_convert_compat(tmp_path):
+    src = image(tmp_path, "src", "raw", MiB)
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="qcow2",
+                    compat="0.10")
+    assert qemuimg.info(dst).compat == "0.10"
+
+
+def test_convert_preallocation(tmp_path):
+    src = image(tmp_path, "src", "raw", 4 * MiB)
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="raw",
+                    preallocation="falloc")
+    assert qemuimg.info(dst).actual_size >= 4 * MiB
+
+
+@pytest.mark.parametrize("base_fmt", FORMATS)
+@pytest.mark.parametrize("create", [True, False])
+def test_convert_backing_copies_top_only(tmp_path, base_fmt, create):
+    base, top = chain(tmp_path, base_fmt)
+    base_copy = str(tmp_path / "base-copy")
+    shutil.copyfile(base, base_copy)
+    new = str(tmp_path / "new")
+    if not create:
+        qemuimg.create(new, "qcow2", backing=base_copy,
+                       backing_fmt=base_fmt)
+    qemuimg.convert(top, new, src_fmt="qcow2", dst_fmt="qcow2",
+                    backing=base_copy, backing_fmt=base_fmt, create=create)
+
+    info = qemuimg.info(new)
+    assert (info.backing_filename, info.backing_format) == (base_copy,
+                                                            base_fmt)
+    top_layer = [e for e in qemuimg.map(new, fmt="qcow2") if e.depth == 0]
+    # Base-only data (0-1M, 3M+64K-4M) is not in the new top layer.
+    assert {(e.start, e.length, e.data) for e in top_layer} == {
+        (MiB, MiB, True), (3 * MiB, 64 * KiB, False)}
+    assert qemuimg.allocated_bytes(new, fmt="qcow2") == MiB
+    verify_chain(new)
+
+
+def test_convert_backing_needs_qcow2_target(tmp_path):
+    base, top = chain(tmp_path)
+    with pytest.raises(ValueError):
+        qemuimg.convert(top, str(tmp_path / "new"), src_fmt="qcow2",
+                        dst_fmt="raw", backing=base, backing_fmt="qcow2")
+
+
+def test_convert_whole_chain(tmp_path):
+    _, top = chain(tmp_path)
+    dst = str(tmp_path / "flat")
+    qemuimg.convert(top, dst, src_fmt="qcow2", dst_fmt="raw")
+    verify_chain(dst, "raw")
+
+
+def test_convert_existing_target_is_zero(tmp_path, fmt):
+    src = image(tmp_path, "src", "qcow2", 4 * MiB)
+    qemuio.write_pattern(src, "qcow2", MiB, MiB, 0x77)
+    dst = image(tmp_path, "dst", fmt, 4 * MiB)
+    qemuimg.convert(src, dst, src_fmt="qcow2", dst_fmt=fmt, create=False,
+                    target_is_zero=True)
+    qemuio.verify_zero(dst, fmt, 0, MiB)
+    qemuio.verify_pattern(dst, fmt, MiB, MiB, 0x77)
+
+
+def test_convert_existing_target_overwritten(tmp_path, fmt):
+    src = image(tmp_path, "src", "qcow2", 4 * MiB)
+    dst = image(tmp_path, "dst", fmt, 4 * MiB)
+    qemuio.write_pattern(dst, fmt, 0, 4 * MiB, 0x11)
+    qemuimg.convert(src, dst, src_fmt="qcow2", dst_fmt=fmt, create=False)
+    qemuio.verify_zero(dst, fmt, 0, 4 * MiB)
+
+
+@pytest.mark.parametrize("kw", [
+    {"target_is_zero": True},
+    {"create": False, "preallocation": "full"},
+    {"preallocation": "bogus"},
+    {"backing": "base"},
+])
+def test_convert_invalid_arguments(tmp_path, kw):
+    src = image(tmp_path, "src", "raw", MiB)
+    with pytest.raises(ValueError):
+        qemuimg.convert(src, str(tmp_path / "dst"), src_fmt="raw",
+                        dst_fmt="qcow2", **kw)
+
+
+def test_convert_copy_offload(tmp_path):
+    src = image(tmp_path, "src", "raw", 4 * MiB)
+    qemuio.write_pattern(src, "raw", 0, MiB, 0x42)
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="raw",
+                    copy_offload=True)
+    qemuio.verify_pattern(dst, "raw", 0, MiB, 0x42)
+    qemuio.verify_zero(dst, "raw", MiB, 3 * MiB)
+
+
+def test_convert_cache_none(tmp_path):
+    src = image(tmp_path, "src", "raw", 4 * MiB)
+    qemuio.write_pattern(src, "raw", 0, MiB, 0x42)
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="qcow2", cache="none")
+    qemuio.verify_pattern(dst, "qcow2", 0, MiB, 0x42)
+
+
+def test_convert_progress(tmp_path):
+    src = image(tmp_path, "src", "raw", 64 * MiB)
+    qemuio.write_pattern(src, "raw", 0, 64 * MiB, 0x01)
+    values: list[float] = []
+    qemuimg.convert(src, str(tmp_path / "dst"), src_fmt="raw",
+                    dst_fmt="qcow2", progress=values.append)
+    assert len(values) > 2
+    assert values == sorted(set(values))
+    assert values[-1] == 100.0
+
+
+def test_convert_progress_error(tmp_path):
+    values: list[float] = []
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.convert(str(tmp_path / "missing"), str(tmp_path / "dst"),
+                        src_fmt="raw", dst_fmt="raw", progress=values.append)
+    assert (e.value.cmd, e.value.rc) == ("convert", 1)
+    assert "No such file" in e.value.err
+    assert "-p" in e.value.argv
+
+
+def test_convert_progress_callback_error(tmp_path):
+    src = image(tmp_path, "src", "raw", 64 * MiB)
+    qemuio.write_pattern(src, "raw", 0, 64 * MiB, 0x01)
+
+    def fail(value):
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        qemuimg.convert(src, str(tmp_path / "dst"), src_fmt="raw",
+                        dst_fmt="raw", progress=fail)
+
+
+# commit
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_commit(tmp_path, fmt, drop):
+    base, top = chain(tmp_path, fmt)
+    values: list[float] = []
+    qemuimg.commit(top, drop=drop, progress=values.append)
+    assert values[-1] == 100.0
+    verify_chain(base, fmt)
+    verify_chain(top)
+    top_bytes = qemuimg.allocated_bytes(top, fmt="qcow2")
+    assert top_bytes == (0 if drop else MiB)
+
+
+def test_commit_into_base(tmp_path):
+    base, mid = chain(tmp_path)
+    top = image(tmp_path, "leaf", "qcow2", None, backing=mid,
+                backing_fmt="qcow2")
+    qemuio.write_pattern(top, "qcow2", 2 * MiB, 64 * KiB, 0xdd)
+    qemuimg.commit(top, base=base)
+    qemuio.verify_pattern(base, "qcow2", 2 * MiB, 64 * KiB, 0xdd)
+    qemuio.verify_pattern(base, "qcow2", MiB, MiB, 0xbb)
+    qemuio.verify_pattern(base, "qcow2", 0, MiB, 0xaa)
+
+
+def test_commit_without_backing(tmp_path):
+    path = image(tmp_path, "img", "qcow2", MiB)
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.commit(path)
+    assert (e.value.cmd, e.value.rc) == ("commit", 1)
+    assert e.value.err
+
+
+# rebase
+
+
+@pytest.mark.parametrize("backing", [None, ""])
+def test_rebase_onto_nothing(tmp_path, fmt, backing):
+    base, top = chain(tmp_path, fmt)
+    values: list[float] = []
+    qemuimg.rebase(top, backing, backing_fmt=None, progress=values.append)
+    assert values and values[-1] == 100.0
+    assert qemuimg.info(top).backing_filename is None
+    os.unlink(base)
+    verify_chain(top)
+
+
+def test_rebase_safe_onto_other(tmp_path):
+    base, top = chain(tmp_path)
+    other = image(tmp_path, "other", "raw")
+    qemuio.write_pattern(other, "raw", 0, 4 * MiB, 0x99)
+    qemuimg.rebase(top, other, backing_fmt="raw")
+    info = qemuimg.info(top)
+    assert (info.backing_filename, info.backing_format) == (other, "raw")
+    verify_chain(top)
+
+
+def test_rebase_unsafe(tmp_path):
+    base, top = chain(tmp_path)
+    moved = str(tmp_path / "moved")
+    os.rename(base, moved)
+    qemuimg.rebase(top, moved, backing_fmt="qcow2", unsafe=True)
+    assert qemuimg.info(top).backing_filename == moved
+    verify_chain(top)
+
+
+def test_rebase_needs_backing_format(tmp_path):
+    _, top = chain(tmp_path)
+    with pytest.raises(ValueError):
+        qemuimg.rebase(top, "base", backing_fmt=None)
+
+
+def test_rebase_missing_backing(tmp_path):
+    _, top = chain(tmp_path)
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.rebase(top, str(tmp_path / "missing"), backing_fmt="qcow2")
+    assert e.value.cmd == "rebase"
+
+
+# resize
+
+
+def test_resize(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, MiB)
+    qemuio.write_pattern(path, fmt, 0, MiB, 0x33)
+    qemuimg.resize(path, 3 * MiB, fmt=fmt)
+    assert qemuimg.info(path).virtual_size == 3 * MiB
+    qemuio.verify_pattern(path, fmt, 0, MiB, 0x33)
+    qemuio.verify_zero(path, fmt, MiB, 2 * MiB)
+
+
+def test_resize_preallocation(tmp_path):
+    path = image(tmp_path, "img", "raw", MiB)
+    qemuimg.resize(path, 8 * MiB, fmt="raw", preallocation="falloc")
+    assert qemuimg.info(path).actual_size >= 7 * MiB
+
+
+def test_resize_shrink(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, 2 * MiB)
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.resize(path, MiB, fmt=fmt)
+    assert (e.value.cmd, e.value.rc) == ("resize", 1)
+    assert "shrink" in e.value.err
+    qemuimg.resize(path, MiB, fmt=fmt, shrink=True)
+    assert qemuimg.info(path).virtual_size == MiB
+
+
+# measure
+
+
+@pytest.mark.parametrize("out_fmt", FORMATS)
+def test_measure(tmp_path, fmt, out_fmt):
+    path = image(tmp_path, "img", fmt, 16 * MiB)
+    qemuio.write_pattern(path, fmt, 0, 2 * MiB, 0x21)
+    m = qemuimg.measure(path, fmt=fmt, out_fmt=out_fmt)
+    assert m.fully_allocated >= 16 * MiB
+    if out_fmt == "raw":
+        assert m.required == 16 * MiB
+    else:
+        assert 2 * MiB < m.required < 3 * MiB
+
+
+def test_measure_missing(tmp_path):
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.measure(str(tmp_path / "x"), fmt="raw", out_fmt="qcow2")
+    assert e.value.cmd == "measure"
+
+
+# check
+
+
+def refcount_block(path):
+    with open(path, "rb") as f:
+        (table,) = struct.unpack(">Q", f.read(56)[48:56])
+        f.seek(table)
+        (block,) = struct.unpack(">Q", f.read(8))
+    return block
+
+
+def set_refcount(path, cluster, value):
+    with open(path, "r+b") as f:
+        f.seek(refcount_block(path) + 2 * cluster)
+        f.write(struct.pack(">H", value))
+
+
+def test_check_clean(tmp_path):
+    path = image(tmp_path, "img", "qcow2", MiB)
+    qemuio.write_pattern(path, "qcow2", 0, MiB, 0x1)
+    result = qemuimg.check(path)
+    assert result.ok
+    assert result.image_end_offset > MiB
+
+
+def test_check_raw_not_supported(tmp_path):
+    path = image(tmp_path, "img", "raw", MiB)
+    assert qemuimg.check(path, fmt="raw") == qemuimg.CheckResult(
+        0, 0, 0, None)
+
+
+def test_check_leaks(tmp_path):
+    path = image(tmp_path, "img", "qcow2", MiB)
+    cluster = -(-os.path.getsize(path) // (64 * KiB))
+    os.truncate(path, (cluster + 1) * 64 * KiB)
+    set_refcount(path, cluster, 1)
+    result = qemuimg.check(path)
+    assert (result.leaks, result.corruptions) == (1, 0)
+    assert not result.ok
+
+
+def test_check_corruptions(tmp_path):
+    path = image(tmp_path, "img", "qcow2", MiB)
+    set_refcount(path, 0, 0)
+    result = qemuimg.check(path)
+    assert result.corruptions == 1
+    assert not result.ok
+
+
+def test_check_missing(tmp_path):
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.check(str(tmp_path / "missing"))
+    assert (e.value.cmd, e.value.rc) == ("check", 1)
+
+
+# map
+
+
+def test_map(tmp_path, fmt):
+    path = image(tmp_path, "img", fmt, 4 * MiB)
+    qemuio.write_pattern(path, fmt, MiB, MiB, 0x5)
+    extents = qemuimg.map(path, fmt=fmt)
+    assert sum(e.length for e in extents) == 4 * MiB
+    data = [(e.start, e.length) for e in extents if e.data]
+    assert data[-1] == (MiB, MiB)
+    assert all(e.depth == 0 for e in extents)
+    assert qemuimg.allocated_bytes(path, fmt=fmt) == MiB + head(fmt)
+
+
+def test_map_chain(tmp_path, fmt):
+    _, top = chain(tmp_path, fmt)
+    extents = qemuimg.map(top, fmt="qcow2")
+    assert qemuimg.Extent(MiB, MiB, True, False, 0) in extents
+    assert qemuimg.Extent(0, MiB, True, False, 1) in extents
+    assert qemuimg.allocated_bytes(top, fmt="qcow2") == MiB
+
+
+def test_map_missing(tmp_path):
+    with pytest.raises(errors.QemuImgError) as e:
+        qemuimg.map(str(tmp_path / "missing"), fmt="raw")
+    assert e.value.cmd == "map"
+
+
+class ChunkedStream:
+    """A pipe that returns the given chunks, one per read."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def read1(self, size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_progress_update_split_between_reads():
+    values: list[float] = []
+    stream = ChunkedStream(b"    (0.00/100%)\r    (12.",
+                           b"50/100%)\r    (100.00/100%)\r",
+                           b"    (100.00/100%)\r\nImage committed.\n")
+    out = qemuimg._stream_progress(stream, values.append)
+    assert values == [0.0, 12.5, 100.0]
+    assert out.endswith(b"Image committed.\n")
