@@ -38,3 +38,11 @@ def leftovers(dom_path):
                     ".new"):
                 found.append(os.path.join(root, name))
     return found
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.functional import test_crash
+    if test_crash.MATRIX:
+        terminalreporter.write_sep("=", "crash matrix")
+        terminalreporter.write_line(
+            test_crash.pytest_terminal_summary_matrix())

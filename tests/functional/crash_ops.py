@@ -1,0 +1,127 @@
+"""Operations for the crash matrix, and the child process that runs one.
+
+The child opens the pool with a TaskFlow listener that SIGKILLs the
+process when a named task reaches a state (RUNNING: before it runs,
+SUCCESS: after it ran), then runs one operation::
+
+    python -m tests.functional.crash_ops WORKDIR OP TASK STATE
+
+WORKDIR holds ``mnt1``, ``mnt2`` and ``ctx.json`` (ids made by setup).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import sys
+
+from taskflow.types import notifier
+
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage.pool import StoragePool
+
+MiB = sc.MiB
+
+# New ids used by the operations (fixed, so a check knows what to look
+# for after the crash).
+NEW_IMG = "0a0a0a0a-0000-4000-8000-000000000001"
+NEW_SNAP = "0a0a0a0a-0000-4000-8000-000000000002"
+
+
+def op_create(pool, ctx):
+    pool.create_volume(ctx["sd"], NEW_IMG, 16 * MiB)
+
+
+def op_import(pool, ctx):
+    pool.import_volume(ctx["sd"], NEW_IMG, ctx["raw_file"], "raw",
+                       16 * MiB, voltype=sc.VolumeType.SHARED)
+
+
+def op_snapshot(pool, ctx):
+    pool.snapshot(ctx["sd"], ctx["img"], NEW_SNAP)
+
+
+def op_merge_commit(pool, ctx):
+    pool.delete_snapshot(ctx["sd"], ctx["img"], ctx["snaps"][1])
+
+
+def op_merge_stream(pool, ctx):
+    pool.delete_snapshot(ctx["sd"], ctx["img"], ctx["snaps"][0])
+
+
+def op_revert(pool, ctx):
+    pool.revert_to_snapshot(ctx["sd"], ctx["img"], ctx["snaps"][0])
+
+
+def op_clone(pool, ctx):
+    pool.clone(ctx["sd"], ctx["img"], NEW_IMG, snap_id=ctx["snaps"][1])
+
+
+def op_thin_clone(pool, ctx):
+    pool.thin_clone(ctx["sd"], ctx["tmpl"], NEW_IMG)
+
+
+def op_extend(pool, ctx):
+    pool.extend(ctx["sd"], ctx["img"], 32 * MiB)
+
+
+def op_copy(pool, ctx):
+    pool.copy_image(ctx["sd"], ctx["img"], ctx["sd2"])
+
+
+def op_move(pool, ctx):
+    pool.copy_image(ctx["sd"], ctx["img"], ctx["sd2"], move=True)
+
+
+def op_delete(pool, ctx):
+    pool.delete_image(ctx["sd"], ctx["img"])
+
+
+OPS = {name[3:]: fn for name, fn in globals().items()
+       if name.startswith("op_")}
+
+
+def killer(task_name, state):
+    """A listener factory: SIGKILL this process at (task, state)."""
+    @contextlib.contextmanager
+    def listen(engine):
+        def on_change(event, details):
+            if details.get("task_name") == task_name and event == state:
+                os.kill(os.getpid(), signal.SIGKILL)
+        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
+        try:
+            yield
+        finally:
+            engine.atom_notifier.deregister(notifier.Notifier.ANY,
+                                            on_change)
+    return listen
+
+
+def recorder(names):
+    @contextlib.contextmanager
+    def listen(engine):
+        def on_change(event, details):
+            if event == "RUNNING":
+                names.append(details["task_name"])
+        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
+        yield
+    return listen
+
+
+def open_pool(workdir, listeners=()):
+    return StoragePool.open([os.path.join(workdir, "mnt1"),
+                             os.path.join(workdir, "mnt2")],
+                            listeners=listeners)
+
+
+def main():
+    workdir, op, task_name, state = sys.argv[1:5]
+    with open(os.path.join(workdir, "ctx.json")) as f:
+        ctx = json.load(f)
+    pool = open_pool(workdir, [killer(task_name, state)])
+    OPS[op](pool, ctx)
+    sys.exit(3)     # not killed: the kill point was not reached
+
+
+if __name__ == "__main__":
+    main()

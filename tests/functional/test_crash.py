@@ -1,0 +1,210 @@
+"""Crash matrix: every operation killed at every task boundary.
+
+For each operation the test first runs it once to learn its task names,
+then for every task and for "before" (RUNNING) and "after" (SUCCESS) it
+runs the operation in a child process that SIGKILLs itself there. After
+each kill, ``fsck.repair`` (which finishes or reverts the persisted flow,
+then removes garbage) must leave every domain clean, every snapshot that
+existed before with the same data, and the operation either done or not
+visible at all. The matrix is printed at the end of the run.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import fsck
+from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage.pool import StoragePool
+from tests import qemuio
+from tests.functional import crash_ops
+from tests.functional.conftest import leftovers
+
+MiB = sc.MiB
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+MATRIX: list[tuple[str, str, str, str]] = []
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """A pool with a 3-snapshot chain, a template and a second domain."""
+    work = str(tmp_path_factory.mktemp("golden"))
+    mnt1, mnt2 = os.path.join(work, "mnt1"), os.path.join(work, "mnt2")
+    os.mkdir(mnt1)
+    os.mkdir(mnt2)
+    pool = StoragePool.create(mnt1)
+    sd2 = pool.add_domain(mnt2).sd_id
+    sd = pool.master.sd_id
+    img = str(uuid.uuid4())
+    pool.create_volume(sd, img, 16 * MiB, fmt=sc.VolumeFormat.RAW)
+    snaps = []
+    for i in range(3):
+        leaf = pool.leaf(sd, img)
+        # The second layer holds the most data: deleting snapshot 0
+        # streams the small base into it, deleting snapshot 1 commits
+        # the small third layer into it.
+        length = 3 * MiB if i == 1 else MiB
+        qemuio.write_pattern(leaf.path, leaf.qemu_format, i * 4 * MiB,
+                             length, 0x20 + i)
+        snaps.append(str(uuid.uuid4()))
+        pool.snapshot(sd, img, snaps[-1])
+    leaf = pool.leaf(sd, img)
+    qemuio.write_pattern(leaf.path, "qcow2", 12 * MiB, MiB, 0x2f)
+    raw_file = os.path.join(work, "src.raw")
+    qemuimg.create(raw_file, "raw", 16 * MiB)
+    qemuio.write_pattern(raw_file, "raw", 0, MiB, 0x42)
+    tmpl = str(uuid.uuid4())
+    pool.import_volume(sd, tmpl, raw_file, "raw", 16 * MiB,
+                       voltype=sc.VolumeType.SHARED)
+    ctx = {"sd": sd, "sd2": sd2, "img": img, "snaps": snaps, "tmpl": tmpl,
+           "raw_file": raw_file}
+    with open(os.path.join(work, "ctx.json"), "w") as f:
+        json.dump(ctx, f)
+    return work, ctx, views(pool, ctx)
+
+
+def views(pool, ctx):
+    """sha256 of every snapshot's and template's guest view, by id."""
+    result = {}
+    for sd_id in pool.domains:
+        for img_id in pool.list_images(sd_id):
+            tree = pool.image(sd_id, img_id)
+            for snap_id, vol in tree.snapshots().items():
+                result[snap_id] = digest(vol)
+            tmpl = tree.template()
+            if tmpl:
+                result[img_id] = digest(tmpl)
+    return result
+
+
+def digest(vol):
+    out = vol.path + ".view"
+    try:
+        qemuimg.convert(vol.path, out, src_fmt=vol.qemu_format,
+                        dst_fmt="raw")
+        h = hashlib.sha256()
+        with open(out, "rb") as f:
+            for block in iter(lambda: f.read(MiB), b""):
+                h.update(block)
+        return h.hexdigest()
+    finally:
+        os.unlink(out)
+
+
+def copy_world(golden_dir, dst):
+    # cp keeps the holes of the sparse lease files and the template hard
+    # links; shutil.copytree would write gigabytes of zeros.
+    subprocess.run(["cp", "-a", golden_dir, dst], check=True)
+    return dst
+
+
+def task_names(golden_dir, tmp_path, op):
+    work = copy_world(golden_dir, str(tmp_path / "names"))
+    names: list[str] = []
+    with open(os.path.join(work, "ctx.json")) as f:
+        ctx = json.load(f)
+    pool = crash_ops.open_pool(work, [crash_ops.recorder(names)])
+    crash_ops.OPS[op](pool, ctx)
+    shutil.rmtree(work)
+    return names
+
+
+def run_child(work, op, task, state):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "tests.functional.crash_ops", work, op, task,
+         state], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+
+
+@pytest.mark.parametrize("op", sorted(crash_ops.OPS))
+def test_crash_matrix(golden, tmp_path, op):
+    golden_dir, ctx, before = golden
+    names = task_names(golden_dir, tmp_path, op)
+    assert names, "the operation ran no flow"
+    for i, task in enumerate(names):
+        for state in ("RUNNING", "SUCCESS"):
+            work = copy_world(golden_dir, str(tmp_path / f"{i}-{state}"))
+            child = run_child(work, op, task, state)
+            assert child.returncode == -9, child.stderr[-2000:]
+            pool = crash_ops.open_pool(work)
+            report = fsck.repair(pool)
+            outcome = check_world(pool, ctx, before, report)
+            MATRIX.append((op, task, "before" if state == "RUNNING"
+                           else "after", outcome))
+            shutil.rmtree(work)
+
+
+def check_world(pool, ctx, before, report):
+    assert report.clean, [p.as_dict() for p in report.problems]
+    for dom in pool.domains.values():
+        assert leftovers(dom.path) == []
+        for img_id in dom.list_images():
+            tree = pool.image(dom.sd_id, img_id)
+            assert tree.check() == []
+            assert all(v.legal for v in tree.volumes.values())
+    after = views(pool, ctx)
+    for key, value in before.items():
+        if key in after:
+            assert after[key] == value, f"data of {key} changed"
+    outcome = ",".join(f"{n}:{o}" for n, o in report.recovered) or "clean"
+    return outcome + (f" +{len(report.repaired)} removed"
+                      if report.repaired else "")
+
+
+def test_fsck_reports_and_repairs_garbage(golden, tmp_path):
+    golden_dir, ctx, before = golden
+    work = copy_world(golden_dir, str(tmp_path / "w"))
+    pool = crash_ops.open_pool(work)
+    dom = pool.domain(ctx["sd"])
+    img_dir = dom.image_dir(ctx["img"])
+    # An interrupted metadata write, a half-removed image, a stray lease.
+    open(os.path.join(img_dir, "x.meta.new"), "w").close()
+    os.mkdir(dom.removed_image_dir(str(uuid.uuid4())))
+    stray = str(uuid.uuid4())
+    open(os.path.join(img_dir, stray + ".lease"), "w").close()
+    report = fsck.check(pool)
+    kinds = sorted(p.kind for p in report.problems)
+    assert kinds == ["leftover", "leftover", "orphan"]
+    report = fsck.repair(pool)
+    assert report.clean and len(report.repaired) == 3
+    assert views(pool, ctx) == before
+
+
+def test_fsck_never_repairs_bad_checksum(golden, tmp_path):
+    golden_dir, ctx, _ = golden
+    work = copy_world(golden_dir, str(tmp_path / "w"))
+    pool = crash_ops.open_pool(work)
+    path = pool.domain(ctx["sd2"]).dom_md("metadata")
+    with open(path, "rb") as f:
+        data = f.read()
+    corrupt = data.replace(b"DESCRIPTION=", b"DESCRIPTION=x")
+    with open(path, "wb") as f:
+        f.write(corrupt)
+    report = fsck.repair(pool)
+    assert [p.kind for p in report.problems] == ["bad-metadata"]
+    with open(path, "rb") as f:
+        assert f.read() == corrupt
+
+
+def test_merge_directions(golden, tmp_path):
+    """The matrix covers both merge directions."""
+    golden_dir, ctx, _ = golden
+    assert task_names(golden_dir, tmp_path, "merge_stream")[1] == "rebase"
+    assert task_names(golden_dir, tmp_path, "merge_commit")[1] == "commit"
+
+
+def pytest_terminal_summary_matrix():
+    rows = [("operation", "killed at", "when", "outcome")] + MATRIX
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths))
+                     for r in rows)
