@@ -308,5 +308,43 @@ def do_import(sd_path: str, img_id: str, vol_id: str, src: str,
     os.chmod(dst, 0o660)
 
 
+def do_adopt_volume(sd_path: str, img_id: str, vol_id: str, *, src: str,
+                    capacity: int, fmt: str, voltype: str,
+                    description: str = "", disktype: str = "DATA",
+                    staged: bool = True) -> None:
+    """Make ``src`` the data of a new ILLEGAL volume by renaming it: no copy.
+
+    ``src`` is a complete, inspected file that the caller wrote on the
+    domain's filesystem. A re-run after the rename finds ``src`` gone and
+    the data in place; a missing ``src`` without data fails the flow.
+    """
+    dom = _domain(sd_path)
+    directory = _image_dir(dom, img_id, staged)
+    dst = dom.volume_path(img_id, vol_id, directory)
+    if not os.path.exists(src):
+        if os.path.exists(dst) and _read_meta(
+                dom, img_id, vol_id, directory) is not None:
+            return
+        raise errors.VolumeNotFound(sd_id=dom.sd_id, img_id=img_id,
+                                    vol_id=vol_id)
+    meta = volmeta.VolumeMetadata(
+        domain=dom.sd_id, image=img_id, parent=sc.BLANK_UUID,
+        capacity=capacity, format=sc.VolumeFormat(fmt),
+        type=sc.Preallocation.SPARSE, voltype=sc.VolumeType(voltype),
+        legality=sc.Legality.ILLEGAL, description=description,
+        disktype=disktype, ctime=int(time.time()))
+    dom.write_volume_meta(img_id, vol_id, meta, directory)
+    fileutil.remove_file(dst + sc.LEASE_EXT)
+    fileutil.create_sparse(dst + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
+    os.chmod(src, 0o660)
+    os.rename(src, dst)
+    fileutil.fsync_dir(directory)
+
+
+def undo_adopt_volume(sd_path: str, img_id: str, vol_id: str, *,
+                      staged: bool = True, **_ignored) -> None:
+    undo_create_volume(sd_path, img_id, vol_id, staged=staged)
+
+
 def noop(*_args, **_kwargs) -> None:
     """The undo of steps whose effect is undone by an earlier undo."""

@@ -35,7 +35,7 @@ from ovirt_cinder.storage import constants as sc
 __all__ = ["Step", "FlowRunner", "create_image", "snapshot", "merge_commit",
            "merge_stream", "update_volume", "remove_volume", "revert",
            "clone", "thin_clone", "extend", "copy_image", "remove_image",
-           "import_image", "export_volume"]
+           "import_image", "adopt_image", "export_volume"]
 
 LOG = logging.getLogger(__name__)
 
@@ -103,6 +103,22 @@ def import_image(sd_path: str, img_id: str, vol_id: str, capacity: int,
              staged=True, legal=False),
         Step("import", undo="noop", sd_path=sd_path, img_id=img_id,
              vol_id=vol_id, src=src, src_fmt=src_fmt),
+        _legalize(sd_path, img_id, vol_id, staged=True),
+        Step("publish_image", sd_path=sd_path, img_id=img_id),
+    ])
+
+
+def adopt_image(sd_path: str, img_id: str, vol_id: str, capacity: int,
+                fmt: str, src: str, voltype: str = "LEAF",
+                description: str = "",
+                disktype: str = "DATA") -> linear_flow.Flow:
+    """A new image whose volume is an (already inspected) file, moved in."""
+    return _flow("adopt_image", [
+        Step("make_image_dir", sd_path=sd_path, img_id=img_id),
+        Step("adopt_volume", sd_path=sd_path, img_id=img_id,
+             vol_id=vol_id, src=src, capacity=capacity, fmt=fmt,
+             voltype=voltype, description=description, disktype=disktype,
+             staged=True),
         _legalize(sd_path, img_id, vol_id, staged=True),
         Step("publish_image", sd_path=sd_path, img_id=img_id),
     ])

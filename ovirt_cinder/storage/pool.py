@@ -205,6 +205,32 @@ class StoragePool:
                   description=description)
         return self.image(sd_id, img_id).get(vol_id)
 
+    def adopt_volume(self, sd_id: str, img_id: str, src: str,
+                     capacity: int, *,
+                     fmt: sc.VolumeFormat = sc.VolumeFormat.RAW,
+                     voltype: sc.VolumeType = sc.VolumeType.LEAF,
+                     vol_id: str | None = None, description: str = "",
+                     disktype: sc.DiskType = sc.DiskType.DATA
+                     ) -> image.Volume:
+        """A new image whose volume is ``src``, moved in without a copy.
+
+        ``src`` must be a file the caller wrote and inspected, on the
+        domain's filesystem; it is renamed into the new image, so its
+        bytes are kept exactly (a qcow2 stays the file that was given).
+        """
+        dom = self.domain(sd_id)
+        if os.stat(src).st_dev != os.stat(dom.images_dir).st_dev:
+            raise errors.InvalidParameter(
+                name="src", value=src,
+                reason=f"not on the filesystem of domain {sd_id}")
+        vol_id = self._new_volume_id(vol_id)
+        self._run(flows.adopt_image, [dom], sd_path=dom.path,
+                  img_id=validate.check_uuid(img_id, "image id"),
+                  vol_id=vol_id, capacity=_check_size(capacity),
+                  fmt=str(fmt), src=src, voltype=str(voltype),
+                  description=description, disktype=str(disktype))
+        return self.image(sd_id, img_id).get(vol_id)
+
     # Snapshots
 
     def snapshot(self, sd_id: str, img_id: str, snap_id: str, *,

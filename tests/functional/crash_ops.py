@@ -12,6 +12,7 @@ WORKDIR holds ``mnt1``, ``mnt2`` and ``ctx.json`` (ids made by setup).
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -35,6 +36,16 @@ def op_create(pool, ctx):
 def op_import(pool, ctx):
     pool.import_volume(ctx["sd"], NEW_IMG, ctx["raw_file"], "raw",
                        16 * MiB, voltype=sc.VolumeType.SHARED)
+
+
+def op_adopt(pool, ctx):
+    # As the Glance store does: a staged file on the domain's filesystem
+    # is moved into a new template image.
+    staged = os.path.join(pool.domain(ctx["sd"]).mount,
+                          f".tmp-{ctx['sd']}-upload-crash")
+    shutil.copyfile(ctx["raw_file"], staged)
+    pool.adopt_volume(ctx["sd"], NEW_IMG, staged, 16 * MiB,
+                      voltype=sc.VolumeType.SHARED)
 
 
 def op_snapshot(pool, ctx):
