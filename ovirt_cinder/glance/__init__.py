@@ -1,0 +1,1 @@
+"""The Glance store: maps glance_store calls to engine calls."""
