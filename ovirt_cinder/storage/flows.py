@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from taskflow import engines
+from taskflow import exceptions as exc
 from taskflow import states
 from taskflow import task
 from taskflow.patterns import linear_flow
@@ -343,11 +345,13 @@ class FlowRunner:
                  listeners: Iterable[Callable[[Any], Any]] = ()) -> None:
         self.owner = owner or socket.gethostname()
         self.listeners = list(listeners)
+        self._books_dir: str | None = None
         if "://" in connection:
             conf = {"connection": connection}
         else:
             os.makedirs(connection, exist_ok=True)
             conf = {"connection": "dir://", "path": connection}
+            self._books_dir = os.path.join(connection, "books")
         self.backend = backends.fetch(conf)
         with contextlib.closing(self.backend.get_connection()) as conn:
             conn.upgrade()
@@ -383,14 +387,46 @@ class FlowRunner:
 
     def unfinished(self) -> Iterator[tuple[models.LogBook,
                                             models.FlowDetail]]:
+        for book_id in self._book_ids():
+            current = self._load(book_id)
+            if current is not None:
+                yield current
+
+    def reload(self, book: models.LogBook
+               ) -> tuple[models.LogBook, models.FlowDetail] | None:
+        """The current state of ``book``: None once its flow is gone."""
+        return self._load(book.uuid)
+
+    def _book_ids(self) -> list[str]:
+        if self._books_dir is None:
+            with contextlib.closing(self.backend.get_connection()) as conn:
+                return [b.uuid for b in conn.get_logbooks(lazy=True)]
+        # The directory backend recreates a book's directory (holding only
+        # its lock file) when a reader races its removal: such a directory
+        # is not a book.
+        return [name for name in os.listdir(self._books_dir)
+                if os.path.exists(os.path.join(self._books_dir, name,
+                                               "metadata"))]
+
+    def _load(self, book_id: str
+              ) -> tuple[models.LogBook, models.FlowDetail] | None:
         with contextlib.closing(self.backend.get_connection()) as conn:
-            books = list(conn.get_logbooks())
-        for book in books:
-            details = list(book)
-            if not details:
-                self._destroy(book)
-            for fd in details:
-                yield book, fd
+            try:
+                book = conn.get_logbook(book_id)
+            except exc.NotFound:
+                self._forget(book_id)
+                return None
+        details = list(book)
+        if not details:
+            self._destroy(book)
+            return None
+        return book, details[0]
+
+    def _forget(self, book_id: str) -> None:
+        if self._books_dir is not None:
+            path = os.path.join(self._books_dir, book_id)
+            if not os.path.exists(os.path.join(path, "metadata")):
+                shutil.rmtree(path, ignore_errors=True)
 
     def recover(self, book: models.LogBook,
                 detail: models.FlowDetail) -> str:

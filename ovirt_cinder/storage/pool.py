@@ -139,10 +139,15 @@ class StoragePool:
         waits for a live owner instead of racing it.
         """
         done = []
-        for book, detail in list(self.runner.unfinished()):
+        for book, _ in list(self.runner.unfinished()):
             ids = (book.meta or {}).get("domains", [])
             domains = [self.domains[i] for i in ids if i in self.domains]
             with self._leases(domains):
+                # The owner may have finished while we waited for it.
+                current = self.runner.reload(book)
+                if current is None:
+                    continue
+                book, detail = current
                 outcome = self.runner.recover(book, detail)
             LOG.info("Recovered flow %s: %s", detail.name, outcome)
             done.append((detail.name, outcome))

@@ -4,7 +4,7 @@ The child opens the pool with a TaskFlow listener that SIGKILLs the
 process when a named task reaches a state (RUNNING: before it runs,
 SUCCESS: after it ran), then runs one operation::
 
-    python -m tests.functional.crash_ops WORKDIR OP TASK STATE
+    python -m tests.functional.crash_ops WORKDIR OP TASK STATE [LOGBOOK]
 
 WORKDIR holds ``mnt1``, ``mnt2`` and ``ctx.json`` (ids made by setup).
 """
@@ -119,17 +119,19 @@ def recorder(names):
     return listen
 
 
-def open_pool(workdir, listeners=()):
+def open_pool(workdir, listeners=(), flow_connection=None):
     return StoragePool.open([os.path.join(workdir, "mnt1"),
                              os.path.join(workdir, "mnt2")],
-                            listeners=listeners)
+                            listeners=listeners,
+                            flow_connection=flow_connection)
 
 
 def main():
     workdir, op, task_name, state = sys.argv[1:5]
+    connection = sys.argv[5] if len(sys.argv) > 5 else None
     with open(os.path.join(workdir, "ctx.json")) as f:
         ctx = json.load(f)
-    pool = open_pool(workdir, [killer(task_name, state)])
+    pool = open_pool(workdir, [killer(task_name, state)], connection)
     OPS[op](pool, ctx)
     sys.exit(3)     # not killed: the kill point was not reached
 

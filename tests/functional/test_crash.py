@@ -118,11 +118,11 @@ def task_names(golden_dir, tmp_path, op):
     return names
 
 
-def run_child(work, op, task, state):
+def run_child(work, op, task, state, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, "-m", "tests.functional.crash_ops", work, op, task,
-         state], env=env, cwd=ROOT, capture_output=True, text=True,
+         state, *extra], env=env, cwd=ROOT, capture_output=True, text=True,
         timeout=120)
 
 
@@ -194,6 +194,39 @@ def test_fsck_never_repairs_bad_checksum(golden, tmp_path):
     assert [p.kind for p in report.problems] == ["bad-metadata"]
     with open(path, "rb") as f:
         assert f.read() == corrupt
+
+
+def test_crash_with_sqlalchemy_logbook(golden, tmp_path):
+    """The logbook can live in any SQLAlchemy database."""
+    golden_dir, ctx, before = golden
+    work = copy_world(golden_dir, str(tmp_path / "w"))
+    url = f"sqlite:///{tmp_path}/logbook.sqlite"
+    child = run_child(work, "merge_commit", "commit", "SUCCESS", url)
+    assert child.returncode == -9, child.stderr[-2000:]
+    pool = crash_ops.open_pool(work, flow_connection=url)
+    assert [d.name for _, d in pool.runner.unfinished()] == ["merge_commit"]
+    report = fsck.repair(pool)
+    assert report.recovered == [("merge_commit", "SUCCESS")]
+    check_world(pool, ctx, before, report)
+    assert snapshot_gone(pool, ctx, ctx["snaps"][1])
+
+
+def snapshot_gone(pool, ctx, snap_id):
+    return snap_id not in pool.image(ctx["sd"], ctx["img"]).snapshots()
+
+
+def test_recover_skips_flows_finished_meanwhile(golden, tmp_path):
+    golden_dir, ctx, _ = golden
+    work = copy_world(golden_dir, str(tmp_path / "w"))
+    child = run_child(work, "snapshot", "legalize", "RUNNING")
+    assert child.returncode == -9
+    pool = crash_ops.open_pool(work)
+    (book, _), = pool.runner.unfinished()
+    # Another recoverer finishes it first; ours must not run it twice.
+    assert crash_ops.open_pool(work).recover() == [("snapshot",
+                                                    "SUCCESS")]
+    assert pool.runner.reload(book) is None
+    assert pool.recover() == []
 
 
 def test_merge_directions(golden, tmp_path):
