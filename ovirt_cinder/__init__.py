@@ -1,1 +1,1 @@
-"""ovirt-cinder: oVirt-style storage domains for OpenStack Cinder and Glance."""
+"""ovirt-cinder: oVirt-style storage domains for Cinder and Glance."""

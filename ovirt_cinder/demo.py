@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import fsck

@@ -55,14 +55,19 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from glance_store import capabilities, driver, exceptions
+from glance_store import capabilities
+from glance_store import driver
+from glance_store import exceptions
 from glance_store import location as glance_location
 from oslo_config import cfg
 from oslo_utils import units
 
 from ovirt_cinder.glance import upload
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import description, errors, image, inspect
+from ovirt_cinder.storage import description
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import image
+from ovirt_cinder.storage import inspect
 from ovirt_cinder.storage import pool as pool_mod
 
 __all__ = ["Store", "StoreLocation", "UnsafeImageRejected", "OPTIONS",

@@ -25,10 +25,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any
+from typing import BinaryIO
+from typing import Protocol
 
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import errors, fileutil
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import fileutil
 
 __all__ = ["BLOCK_SIZE", "Received", "UploadTooLarge", "receive",
            "staging_file", "data_runs"]

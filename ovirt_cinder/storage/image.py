@@ -77,7 +77,8 @@ class ImageTree:
             return self.volumes[vol_id]
         except KeyError:
             raise errors.VolumeNotFound(
-                sd_id=self.sd_id, img_id=self.img_id, vol_id=vol_id)
+                sd_id=self.sd_id, img_id=self.img_id,
+                vol_id=vol_id) from None
 
     def children(self, vol_id: str) -> list[str]:
         return sorted(v.vol_id for v in self.volumes.values()
@@ -113,7 +114,7 @@ class ImageTree:
             return self.snapshots()[snap_id]
         except KeyError:
             raise errors.SnapshotNotFound(img_id=self.img_id,
-                                          snap_id=snap_id)
+                                          snap_id=snap_id) from None
 
     def chain(self, vol_id: str | None = None) -> list[Volume]:
         """Volumes from the base up to ``vol_id`` (default the leaf)."""

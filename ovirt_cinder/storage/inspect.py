@@ -45,7 +45,8 @@ from dataclasses import dataclass
 
 from oslo_utils.imageutils import format_inspector
 
-from ovirt_cinder.storage import errors, qemuimg
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import qemuimg
 
 __all__ = ["InspectedImage", "inspect_untrusted", "qemu_format"]
 

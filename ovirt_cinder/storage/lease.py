@@ -22,7 +22,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from collections.abc import Iterator
 
 from ovirt_cinder.storage import fileutil
 
@@ -87,3 +88,21 @@ class LocalLeaseManager(LeaseManager):
                         yield
             finally:
                 self._depth[sd_id] = depth
+
+
+def make_lease_manager(backend: str, host_id: int = 1,
+                       io_timeout: int = 10) -> LeaseManager:
+    """The lease manager for a configured backend: ``local`` (flock, one
+    host) or ``sanlock`` (``host_id`` 1..250 in every domain lockspace)."""
+    if backend == "local":
+        return LocalLeaseManager()
+    if backend == "sanlock":
+        from ovirt_cinder.storage import sanlock_lease
+        return sanlock_lease.SanlockLeaseManager(host_id=host_id,
+                                                 io_timeout=io_timeout)
+    from ovirt_cinder.storage import errors
+    raise errors.InvalidParameter(name="lease backend", value=backend,
+                                  reason='expected "local" or "sanlock"')
+
+
+__all__ += ["make_lease_manager"]

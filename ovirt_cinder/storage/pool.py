@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 from ovirt_cinder.storage import actions
@@ -108,7 +110,7 @@ class StoragePool:
         try:
             return self.domains[validate.check_uuid(sd_id, "domain id")]
         except KeyError:
-            raise errors.DomainNotFound(sd_id=sd_id)
+            raise errors.DomainNotFound(sd_id=sd_id) from None
 
     @property
     def runner(self) -> flows.FlowRunner:

@@ -43,9 +43,10 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage.constants import GiB
@@ -407,7 +408,10 @@ def _run_with_progress(args: list[str], progress: Progress | None) -> None:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=err_file, env=_env()) as proc:
         try:
-            out = _stream_progress(proc.stdout, progress)
+            fd = proc.stdout.fileno()  # type: ignore[union-attr]
+            # os.read returns what is there, also on eventlet's green
+            # pipes (cinder-volume monkey-patches), which lack read1().
+            out = _stream_progress(lambda n: os.read(fd, n), progress)
         except BaseException:
             proc.kill()
             raise
@@ -418,17 +422,17 @@ def _run_with_progress(args: list[str], progress: Progress | None) -> None:
         raise _error(args, rc, _decode(out), err)
 
 
-def _stream_progress(stream: IO[bytes] | None, progress: Progress) -> bytes:
-    """Read ``stream`` to EOF, reporting each new, larger percentage.
+def _stream_progress(read: Callable[[int], bytes],
+                     progress: Progress) -> bytes:
+    """Read to EOF, reporting each new, larger percentage.
 
     Text after the last complete ``(NN.NN/100%)`` is kept for the next
     chunk, so an update split between two reads is parsed once, whole.
     """
-    assert stream is not None
     out = bytearray()
     pending = b""
     last = -1.0
-    while chunk := stream.read1(4096):  # type: ignore[attr-defined]
+    while chunk := read(4096):
         out += chunk
         pending += chunk
         end = 0

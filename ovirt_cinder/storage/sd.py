@@ -66,7 +66,8 @@ class FileDomain:
             with open(md_path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise errors.DomainNotFound(sd_id=os.path.basename(path))
+            raise errors.DomainNotFound(
+                sd_id=os.path.basename(path)) from None
         md = sdmeta.parse(data, md_path)
         if md.sd_id != os.path.basename(os.path.normpath(path)):
             raise errors.MetadataError(
@@ -141,7 +142,8 @@ class FileDomain:
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
-            raise errors.ImageNotFound(sd_id=self.sd_id, img_id=img_id)
+            raise errors.ImageNotFound(
+                sd_id=self.sd_id, img_id=img_id) from None
         return sorted(n[:-len(sc.META_EXT)] for n in names
                       if n.endswith(sc.META_EXT)
                       and _is_uuid(n[:-len(sc.META_EXT)]))
@@ -155,7 +157,7 @@ class FileDomain:
                 data = f.read(sc.METADATA_SIZE + 1)
         except FileNotFoundError:
             raise errors.VolumeNotFound(
-                sd_id=self.sd_id, img_id=img_id, vol_id=vol_id)
+                sd_id=self.sd_id, img_id=img_id, vol_id=vol_id) from None
         return volmeta.VolumeMetadata.from_bytes(data, path)
 
     def stats(self) -> DomainStats:

@@ -46,17 +46,19 @@ import dataclasses
 import enum
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import NoReturn
 
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import errors, validate
-from ovirt_cinder.storage.constants import (
-    DomainClass,
-    DomainRole,
-    DomainType,
-)
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import validate
+from ovirt_cinder.storage.constants import DomainClass
+from ovirt_cinder.storage.constants import DomainRole
+from ovirt_cinder.storage.constants import DomainType
 
 __all__ = [
     "CHECKSUM_KEY",

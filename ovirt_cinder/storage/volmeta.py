@@ -50,13 +50,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import errors, validate
-from ovirt_cinder.storage.constants import (
-    Legality,
-    Preallocation,
-    VolumeFormat,
-    VolumeType,
-)
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import validate
+from ovirt_cinder.storage.constants import Legality
+from ovirt_cinder.storage.constants import Preallocation
+from ovirt_cinder.storage.constants import VolumeFormat
+from ovirt_cinder.storage.constants import VolumeType
 
 __all__ = ["VolumeMetadata"]
 

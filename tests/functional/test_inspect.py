@@ -7,13 +7,15 @@ import subprocess
 
 import pytest
 
-from ovirt_cinder.storage import errors, inspect, qemuimg
-from ovirt_cinder.storage.constants import GiB, KiB, MiB
-from ovirt_cinder.storage.inspect import (
-    InspectedImage,
-    inspect_untrusted,
-    qemu_format,
-)
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import inspect
+from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage.constants import GiB
+from ovirt_cinder.storage.constants import KiB
+from ovirt_cinder.storage.constants import MiB
+from ovirt_cinder.storage.inspect import InspectedImage
+from ovirt_cinder.storage.inspect import inspect_untrusted
+from ovirt_cinder.storage.inspect import qemu_format
 from tests import qemuio
 
 ISO_BLOCK = 2048

@@ -9,8 +9,11 @@ import subprocess
 
 import pytest
 
-from ovirt_cinder.storage import errors, qemuimg
-from ovirt_cinder.storage.constants import GiB, KiB, MiB
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage.constants import GiB
+from ovirt_cinder.storage.constants import KiB
+from ovirt_cinder.storage.constants import MiB
 from tests import qemuio
 
 FORMATS = ["raw", "qcow2"]
@@ -563,6 +566,6 @@ def test_progress_update_split_between_reads():
     stream = ChunkedStream(b"    (0.00/100%)\r    (12.",
                            b"50/100%)\r    (100.00/100%)\r",
                            b"    (100.00/100%)\r\nImage committed.\n")
-    out = qemuimg._stream_progress(stream, values.append)
+    out = qemuimg._stream_progress(stream.read1, values.append)
     assert values == [0.0, 12.5, 100.0]
     assert out.endswith(b"Image committed.\n")

@@ -7,7 +7,8 @@ import hashlib
 import pytest
 
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import errors, sdmeta
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage.sdmeta import DomainMetadata
 
 SD_ID = "c3b2a1f0-5e6d-4c7b-8a9f-0e1d2c3b4a59"

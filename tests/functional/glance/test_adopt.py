@@ -10,7 +10,8 @@ import uuid
 import pytest
 
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import errors, qemuimg
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
 from tests.functional.conftest import leftovers
 

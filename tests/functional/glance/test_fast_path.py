@@ -21,7 +21,8 @@ from oslo_config import cfg  # noqa: E402
 
 from ovirt_cinder.cinder import driver as ovirt_driver  # noqa: E402
 from ovirt_cinder.storage import constants as sc  # noqa: E402
-from ovirt_cinder.storage import fileutil, qemuimg  # noqa: E402
+from ovirt_cinder.storage import fileutil  # noqa: E402
+from ovirt_cinder.storage import qemuimg  # noqa: E402
 from tests import qemuio  # noqa: E402
 
 MiB, GiB = sc.MiB, sc.GiB

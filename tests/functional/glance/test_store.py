@@ -16,7 +16,8 @@ from glance_store import exceptions
 
 from ovirt_cinder.glance import store as ovirt_store
 from ovirt_cinder.storage import constants as sc
-from ovirt_cinder.storage import description, qemuimg
+from ovirt_cinder.storage import description
+from ovirt_cinder.storage import qemuimg
 from tests import qemuio
 from tests.functional.glance.conftest import staged_leftovers
 from tests.unit.glance import fixtures

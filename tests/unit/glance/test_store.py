@@ -17,7 +17,9 @@ from unittest import mock
 import fixtures as test_fixtures
 import glance_store
 import pytest
-from glance_store import exceptions, location, multi_backend
+from glance_store import exceptions
+from glance_store import location
+from glance_store import multi_backend
 from glance_store.tests import base
 
 from ovirt_cinder.glance import store as ovirt_store
