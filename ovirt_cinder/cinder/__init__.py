@@ -1,0 +1,1 @@
+"""The Cinder volume driver: maps Cinder objects to engine calls."""

@@ -1,0 +1,582 @@
+"""Cinder volume driver for oVirt file storage domains.
+
+One backend section serves one storage pool; every data domain of the pool
+found under ``ovirt_domain_paths`` is one Cinder pool named by its
+``sd_id``. A Cinder volume is the image ``volume.name_id``; its leaf volume
+is the active layer. A Cinder snapshot is a frozen volume of that image
+whose DESCRIPTION names the snapshot id (``snapshot.provider_location`` if
+set, which is how managed snapshots keep their original id, else
+``snapshot.id``).
+
+Attach (``initialize_connection``):
+
+* NFS domains: ``driver_volume_type: nfs`` with ``export`` (the domain's
+  REMOTE_PATH), ``name`` (``<sd_id>/images/<img>/<leaf>``) and ``format``
+  (``raw``/``qcow2``); os-brick mounts the export, qemu follows the chain.
+* Local and POSIX domains: ``driver_volume_type: local`` with
+  ``device_path``, usable by Cinder's host-side copy code on this host. Its
+  ``dd`` copies bytes, so this works only while the image is one RAW
+  volume; a qcow2 volume or a chain is refused with a clear error (a Nova
+  host elsewhere cannot attach these until the iSCSI export exists).
+
+Image transfer never goes through an attachment: ``copy_image_to_volume``
+downloads to ``image_conversion_dir``, inspects the untrusted bytes
+(:func:`ovirt_cinder.storage.inspect.inspect_untrusted`) and imports them;
+``copy_volume_to_image`` exports a self-contained copy of the chain and
+uploads it with Cinder's ``image_utils.upload_volume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from cinder import exception
+from cinder import interface
+from cinder.common import constants
+from cinder.image import image_utils
+from cinder.volume import driver
+from cinder.volume import volume_utils
+from oslo_config import cfg
+
+from ovirt_cinder.cinder import manageable
+from ovirt_cinder.cinder import options
+from ovirt_cinder.cinder.translate import engine_errors
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import inspect
+from ovirt_cinder.storage import validate
+from ovirt_cinder.storage.pool import StoragePool
+
+__all__ = ["OvirtVolumeDriver", "parse_location"]
+
+LOG = logging.getLogger(__name__)
+CONF = cfg.CONF
+options.register(CONF)
+
+GiB = sc.GiB
+LOCATION_SCHEME = "ovirt"
+_FORMATS = {"raw": sc.VolumeFormat.RAW, "qcow2": sc.VolumeFormat.COW}
+_ALLOCATIONS = {"sparse": sc.Preallocation.SPARSE,
+                "preallocated": sc.Preallocation.PREALLOCATED}
+
+
+def parse_location(url: str) -> tuple[str, str, str, str] | None:
+    """(pool, sd, img, vol) of ``ovirt://<pool>/<sd>/<img>/<vol>``.
+
+    Returns None for other schemes; raises InvalidUUID for a malformed
+    oVirt location.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != LOCATION_SCHEME:
+        return None
+    ids = [parts.netloc, *parts.path.strip("/").split("/")]
+    if len(ids) != 4:
+        raise errors.InvalidParameter(name="location", value=url,
+                                      reason="expected 4 UUIDs")
+    names = ("pool id", "domain id", "image id", "volume id")
+    pool_id, sd_id, img_id, vol_id = (
+        validate.check_uuid(v, n) for v, n in zip(ids, names))
+    return pool_id, sd_id, img_id, vol_id
+
+
+@interface.volumedriver
+class OvirtVolumeDriver(driver.VolumeDriver):
+    """Volumes as images of oVirt file storage domains (format V5)."""
+
+    VERSION = "1.0.0"
+    CI_WIKI_NAME = "oVirt_Cinder_CI"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.configuration.append_config_values(options.OVIRT_OPTS)
+        self.pool: StoragePool | None = None
+
+    @staticmethod
+    def get_driver_options() -> list[cfg.Opt]:
+        return list(options.OVIRT_OPTS)
+
+    # Setup
+
+    def do_setup(self, context: Any) -> None:
+        conf = self.configuration
+        if conf.ovirt_lease_backend != "local":
+            raise exception.VolumeDriverException(
+                message="ovirt_lease_backend=sanlock is not available in "
+                        "this release; use local")
+        if not conf.ovirt_domain_paths:
+            raise exception.InvalidConfigurationValue(
+                option="ovirt_domain_paths", value="")
+        with engine_errors():
+            self.pool = StoragePool.open(conf.ovirt_domain_paths,
+                                         pool_id=conf.ovirt_pool_uuid or None)
+            for name, outcome in self.pool.recover():
+                LOG.info("Recovered storage flow %s: %s", name, outcome)
+        if not conf.ovirt_copy_offload:
+            for dom in self.pool.domains.values():
+                # FileDomain caches its reflink probe; False disables -C.
+                dom._reflink = False
+
+    def check_for_setup_error(self) -> None:
+        if self.pool is None:
+            raise exception.VolumeDriverException(
+                message="storage pool is not open")
+        with engine_errors():
+            self.pool.master  # noqa: B018 -- raises without a master
+
+    # Helpers
+
+    @property
+    def _pool(self) -> StoragePool:
+        if self.pool is None:
+            raise exception.VolumeDriverException(
+                message="storage pool is not open")
+        return self.pool
+
+    def _sd_id(self, volume: Any) -> str:
+        """The domain of an existing volume (its host pool, or a search)."""
+        sd_id = volume_utils.extract_host(volume.host, "pool")
+        if sd_id in self._pool.domains and \
+                self._pool.domain(sd_id).has_image(volume.name_id):
+            return sd_id
+        with engine_errors(volume_id=volume.id):
+            return self._pool.find_image(volume.name_id)
+
+    def _target_sd_id(self, volume: Any) -> str:
+        """The domain a new volume goes to: the pool the scheduler chose."""
+        sd_id = volume_utils.extract_host(volume.host, "pool")
+        if sd_id in self._pool.domains:
+            return sd_id
+        if sd_id is not None:
+            raise exception.InvalidHost(reason=f"pool {sd_id} is not a "
+                                        "domain of this backend")
+        doms = self._pool.domains.values()
+        return max(doms, key=lambda d: d.stats().free).sd_id
+
+    def _spec(self, volume: Any, key: str, default: str) -> str:
+        vtype = volume.volume_type if volume.volume_type_id else None
+        specs = vtype.extra_specs if vtype else {}
+        return (specs or {}).get(f"ovirt:{key}", default)
+
+    def _format(self, volume: Any) -> sc.VolumeFormat:
+        if (volume.migration_status or "").startswith("target:"):
+            # Host-assisted migration copies bytes: the target must be raw.
+            return sc.VolumeFormat.RAW
+        name = self._spec(volume, "volume_format",
+                          self.configuration.ovirt_volume_format)
+        if name not in _FORMATS:
+            raise exception.InvalidVolumeType(reason=f"format {name}")
+        return _FORMATS[name]
+
+    def _allocation(self, volume: Any) -> sc.Preallocation:
+        name = self._spec(volume, "volume_allocation",
+                          self.configuration.ovirt_volume_allocation)
+        if name not in _ALLOCATIONS:
+            raise exception.InvalidVolumeType(reason=f"allocation {name}")
+        return _ALLOCATIONS[name]
+
+    @staticmethod
+    def _snap_id(snapshot: Any) -> str:
+        return snapshot.provider_location or snapshot.id
+
+    # Volumes
+
+    def create_volume(self, volume: Any) -> None:
+        sd_id = self._target_sd_id(volume)
+        with engine_errors(volume_id=volume.id):
+            self._pool.create_volume(
+                sd_id, volume.name_id, volume.size * GiB,
+                fmt=self._format(volume), prealloc=self._allocation(volume))
+
+    def delete_volume(self, volume: Any) -> None:
+        try:
+            sd_id = self._sd_id(volume)
+        except exception.VolumeNotFound:
+            LOG.info("Volume %s is already gone", volume.id)
+            return
+        with engine_errors(volume_id=volume.id):
+            snaps = self._pool.image(sd_id, volume.name_id).snapshots()
+            if snaps:
+                raise exception.VolumeIsBusy(volume_name=volume.name)
+            self._pool.delete_image(sd_id, volume.name_id)
+
+    def extend_volume(self, volume: Any, new_size: int) -> None:
+        sd_id = self._sd_id(volume)
+        with engine_errors(volume_id=volume.id):
+            self._pool.extend(sd_id, volume.name_id, new_size * GiB)
+
+    def create_cloned_volume(self, volume: Any, src_vref: Any) -> None:
+        src_sd = self._sd_id(src_vref)
+        with engine_errors(volume_id=src_vref.id):
+            self._pool.clone(
+                src_sd, src_vref.name_id, volume.name_id,
+                dst_sd_id=self._target_sd_id(volume),
+                size=volume.size * GiB, fmt=self._format(volume),
+                prealloc=self._allocation(volume))
+
+    # Snapshots
+
+    def create_snapshot(self, snapshot: Any) -> None:
+        volume = snapshot.volume
+        sd_id = self._sd_id(volume)
+        with engine_errors(volume_id=volume.id, snapshot_id=snapshot.id):
+            self._pool.snapshot(sd_id, volume.name_id,
+                                self._snap_id(snapshot))
+
+    def delete_snapshot(self, snapshot: Any) -> None:
+        volume = snapshot.volume
+        try:
+            sd_id = self._sd_id(volume)
+            with engine_errors(volume_id=volume.id,
+                               snapshot_id=snapshot.id):
+                self._pool.delete_snapshot(sd_id, volume.name_id,
+                                           self._snap_id(snapshot))
+        except (exception.VolumeNotFound, exception.SnapshotNotFound):
+            LOG.info("Snapshot %s is already gone", snapshot.id)
+
+    def create_volume_from_snapshot(self, volume: Any,
+                                    snapshot: Any) -> None:
+        src = snapshot.volume
+        src_sd = self._sd_id(src)
+        with engine_errors(volume_id=src.id, snapshot_id=snapshot.id):
+            self._pool.clone(
+                src_sd, src.name_id, volume.name_id,
+                snap_id=self._snap_id(snapshot),
+                dst_sd_id=self._target_sd_id(volume),
+                size=volume.size * GiB, fmt=self._format(volume),
+                prealloc=self._allocation(volume))
+
+    def revert_to_snapshot(self, context: Any, volume: Any,
+                           snapshot: Any) -> None:
+        sd_id = self._sd_id(volume)
+        with engine_errors(volume_id=volume.id, snapshot_id=snapshot.id):
+            self._pool.revert_to_snapshot(sd_id, volume.name_id,
+                                          self._snap_id(snapshot))
+            leaf = self._pool.leaf(sd_id, volume.name_id)
+            if leaf.meta.capacity < volume.size * GiB:
+                self._pool.extend(sd_id, volume.name_id, volume.size * GiB)
+
+    # Attach
+
+    def initialize_connection(self, volume: Any, connector: Any,
+                              initiator_data: Any = None) -> dict:
+        sd_id = self._sd_id(volume)
+        with engine_errors(volume_id=volume.id):
+            dom = self._pool.domain(sd_id)
+            tree = self._pool.image(sd_id, volume.name_id)
+            leaf = tree.leaf()
+            chain = tree.chain()
+        if dom.metadata.type == sc.DomainType.NFS:
+            name = f"{sd_id}/{sc.IMAGES}/{volume.name_id}/{leaf.vol_id}"
+            return {"driver_volume_type": "nfs", "data": {
+                "export": dom.metadata.remote_path, "name": name,
+                "format": leaf.qemu_format}}
+        if len(chain) != 1 or leaf.meta.format != sc.VolumeFormat.RAW:
+            raise exception.VolumeBackendAPIException(
+                data=f"volume {volume.id} is a {leaf.qemu_format} chain of "
+                     f"{len(chain)}; a local attachment needs one raw "
+                     "volume (use the NFS export or wait for iSCSI)")
+        return {"driver_volume_type": "local",
+                "data": {"device_path": leaf.path}}
+
+    def terminate_connection(self, volume: Any, connector: Any,
+                             **kwargs: Any) -> None:
+        pass
+
+    def create_export(self, context: Any, volume: Any,
+                      connector: Any) -> None:
+        pass
+
+    def ensure_export(self, context: Any, volume: Any) -> None:
+        pass
+
+    def remove_export(self, context: Any, volume: Any) -> None:
+        pass
+
+    # Images
+
+    def copy_image_to_volume(self, context: Any, volume: Any,
+                             image_service: Any, image_id: str,
+                             disable_sparse: bool = False) -> None:
+        sd_id = self._sd_id(volume)
+        meta = image_service.show(context, image_id)
+        limit = self.configuration.ovirt_max_image_virtual_size_gb * GiB
+        with _downloaded(context, image_service, image_id, volume) as tmp:
+            with engine_errors(image_id=image_id):
+                found = inspect.inspect_untrusted(
+                    tmp, declared_format=meta.get("disk_format"),
+                    max_virtual_size=min(limit, volume.size * GiB))
+            LOG.info("Image %s is %s, virtual size %d", image_id,
+                     found.format, found.virtual_size)
+            with engine_errors(volume_id=volume.id, image_id=image_id):
+                self._pool.delete_image(sd_id, volume.name_id)
+                self._pool.import_volume(
+                    sd_id, volume.name_id, tmp,
+                    inspect.qemu_format(found.format), volume.size * GiB,
+                    fmt=self._format(volume),
+                    prealloc=self._allocation(volume))
+
+    def copy_volume_to_image(self, context: Any, volume: Any,
+                             image_service: Any, image_meta: dict) -> None:
+        sd_id = self._sd_id(volume)
+        fmt = "qcow2" if image_meta.get("disk_format") == "qcow2" else "raw"
+        store_id = base_ref = None
+        if volume.volume_type_id and volume.volume_type:
+            store_id = volume.volume_type.extra_specs.get(
+                "image_service:store_id")
+        if volume.glance_metadata:
+            base_ref = volume.glance_metadata.get("image_id")
+        with image_utils.temporary_file(prefix="ovirt_upload_") as tmp:
+            with engine_errors(volume_id=volume.id):
+                self._pool.export_volume(sd_id, volume.name_id, tmp,
+                                         fmt=fmt)
+            image_utils.upload_volume(
+                context, image_service, image_meta, tmp, volume_format=fmt,
+                run_as_root=False, store_id=store_id,
+                base_image_ref=base_ref)
+
+    def clone_image(self, context: Any, volume: Any, image_location: Any,
+                    image_meta: dict, image_service: Any
+                    ) -> tuple[dict | None, bool]:
+        for url in _location_urls(image_location):
+            try:
+                found = parse_location(url)
+            except errors.StorageError as e:
+                LOG.warning("Ignoring image location %s: %s", url, e)
+                continue
+            if found and found[0] == self._pool.pool_id:
+                self._thin_clone(volume, *found[1:])
+                return None, True
+        return None, False
+
+    def _thin_clone(self, volume: Any, tmpl_sd: str, tmpl_img: str,
+                    tmpl_vol: str) -> None:
+        sd_id = self._target_sd_id(volume)
+        with engine_errors(volume_id=volume.id):
+            tmpl = self._pool.image(tmpl_sd, tmpl_img).template()
+            if tmpl is None or tmpl.vol_id != tmpl_vol:
+                raise exception.ImageUnacceptable(
+                    image_id=tmpl_img, reason="not a template volume")
+            if not self._pool.domain(sd_id).has_image(tmpl_img):
+                LOG.info("Copying template %s to domain %s", tmpl_img,
+                         sd_id)
+                self._pool.copy_image(tmpl_sd, tmpl_img, sd_id)
+            self._pool.thin_clone(sd_id, tmpl_img, volume.name_id,
+                                  size=volume.size * GiB)
+
+    # Migration
+
+    def _same_pool_target(self, volume: Any, host: dict) -> str | None:
+        """The target sd_id if ``host`` is another domain of our pool."""
+        caps = host.get("capabilities") or {}
+        if caps.get("location_info") != self._location_info():
+            return None
+        sd_id = volume_utils.extract_host(host["host"], "pool")
+        if sd_id not in self._pool.domains:
+            return None
+        return sd_id
+
+    def _location_info(self) -> str:
+        return f"{LOCATION_SCHEME}:{self._pool.pool_id}"
+
+    def migrate_volume(self, context: Any, volume: Any,
+                       host: dict) -> tuple[bool, dict | None]:
+        dst_sd = self._same_pool_target(volume, host)
+        if dst_sd is None:
+            return False, None
+        src_sd = self._sd_id(volume)
+        if src_sd != dst_sd:
+            with engine_errors(volume_id=volume.id):
+                self._pool.copy_image(src_sd, volume.name_id, dst_sd,
+                                      move=True)
+        return True, None
+
+    def retype(self, context: Any, volume: Any, new_type: Any, diff: Any,
+               host: dict) -> tuple[bool, dict | None]:
+        specs = (diff or {}).get("extra_specs", {})
+        if any(k.startswith("ovirt:") for k in specs):
+            # Format or allocation changes need a copy: let Cinder migrate.
+            return False, None
+        return self.migrate_volume(context, volume, host)
+
+    def update_migrated_volume(self, context: Any, volume: Any,
+                               new_volume: Any,
+                               original_volume_status: str) -> dict:
+        return {"_name_id": new_volume.name_id,
+                "provider_location": new_volume.provider_location}
+
+    # Manage
+
+    def _managed_image(self, volume: Any, existing_ref: dict) -> tuple:
+        img_id = existing_ref.get("source-name") or existing_ref.get(
+            "source-id")
+        try:
+            img_id = validate.check_uuid(img_id, "image id")
+            sd_id = self._target_sd_id(volume)
+            tree = self._pool.image(sd_id, img_id)
+            if tree.template() is not None:
+                raise errors.InvalidOperation(operation="manage",
+                                              reason="template image")
+            problems = tree.check()
+            if problems:
+                raise problems[0]
+            return sd_id, img_id, tree.leaf()
+        except (errors.StorageError, exception.InvalidHost) as e:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref, reason=str(e)) from e
+
+    def manage_existing(self, volume: Any, existing_ref: dict) -> dict:
+        sd_id, img_id, leaf = self._managed_image(volume, existing_ref)
+        if leaf.meta.capacity < volume.size * GiB:
+            with engine_errors(volume_id=volume.id):
+                self._pool.extend(sd_id, img_id, volume.size * GiB)
+        return {"_name_id": None if img_id == volume.id else img_id}
+
+    def manage_existing_get_size(self, volume: Any,
+                                 existing_ref: dict) -> int:
+        leaf = self._managed_image(volume, existing_ref)[2]
+        return manageable.size_gb(leaf.meta.capacity)
+
+    def unmanage(self, volume: Any) -> None:
+        LOG.info("Unmanaged volume %s keeps image %s", volume.id,
+                 volume.name_id)
+
+    def get_manageable_volumes(self, cinder_volumes: list, marker: Any,
+                               limit: int, offset: int, sort_keys: list,
+                               sort_dirs: list) -> list[dict]:
+        used = {v.name_id: v.id for v in cinder_volumes}
+        with engine_errors():
+            entries = manageable.image_entries(self._pool, used)
+        return volume_utils.paginate_entries_list(
+            entries, marker, limit, offset, sort_keys, sort_dirs)
+
+    def _managed_snapshot(self, snapshot: Any, existing_ref: dict) -> tuple:
+        snap_id = existing_ref.get("source-name") or existing_ref.get(
+            "source-id")
+        volume = snapshot.volume
+        try:
+            snap_id = validate.check_uuid(snap_id, "snapshot id")
+            sd_id = self._sd_id(volume)
+            vol = self._pool.image(sd_id, volume.name_id).find_snapshot(
+                snap_id)
+            return snap_id, vol
+        except (errors.StorageError, exception.VolumeNotFound) as e:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref, reason=str(e)) from e
+
+    def manage_existing_snapshot(self, snapshot: Any,
+                                 existing_ref: dict) -> dict:
+        snap_id = self._managed_snapshot(snapshot, existing_ref)[0]
+        return {"provider_location": snap_id}
+
+    def manage_existing_snapshot_get_size(self, snapshot: Any,
+                                          existing_ref: dict) -> int:
+        vol = self._managed_snapshot(snapshot, existing_ref)[1]
+        return manageable.size_gb(vol.meta.capacity)
+
+    def unmanage_snapshot(self, snapshot: Any) -> None:
+        LOG.info("Unmanaged snapshot %s stays in image %s", snapshot.id,
+                 snapshot.volume.name_id)
+
+    def get_manageable_snapshots(self, cinder_snapshots: list, marker: Any,
+                                 limit: int, offset: int, sort_keys: list,
+                                 sort_dirs: list) -> list[dict]:
+        used = {self._snap_id(s) for s in cinder_snapshots}
+        volumes = []
+        for snap in cinder_snapshots:
+            try:
+                volumes.append((snap.volume.id, self._sd_id(snap.volume),
+                                snap.volume.name_id))
+            except exception.VolumeNotFound:
+                continue
+        entries = manageable.snapshot_entries(
+            self._pool, sorted(set(volumes)), used)
+        return volume_utils.paginate_entries_list(
+            entries, marker, limit, offset, sort_keys, sort_dirs)
+
+    # Stats
+
+    def get_volume_stats(self, refresh: bool = False) -> dict:
+        if refresh or not self._stats:
+            self._update_volume_stats()
+        return self._stats
+
+    def _update_volume_stats(self) -> None:
+        conf = self.configuration
+        types = {d.metadata.type for d in self._pool.domains.values()}
+        protocol = (constants.NFS if types == {sc.DomainType.NFS}
+                    else constants.FILE)
+        self._stats = {
+            "volume_backend_name": (conf.safe_get("volume_backend_name")
+                                    or self.__class__.__name__),
+            "vendor_name": "oVirt", "driver_version": self.VERSION,
+            "storage_protocol": protocol,
+            "sparse_copy_volume": True,
+            "pools": [self._pool_stats(d)
+                      for _, d in sorted(self._pool.domains.items())],
+        }
+
+    def _pool_stats(self, dom: Any) -> dict:
+        conf = self.configuration
+        st = dom.stats()
+        return {
+            "pool_name": dom.sd_id,
+            "total_capacity_gb": round(st.total / GiB, 2),
+            "free_capacity_gb": round(st.free / GiB, 2),
+            "provisioned_capacity_gb": round(_provisioned(
+                self._pool, dom.sd_id) / GiB, 2),
+            "reserved_percentage": conf.reserved_percentage,
+            "max_over_subscription_ratio": (
+                volume_utils.get_max_over_subscription_ratio(
+                    conf.max_over_subscription_ratio, supports_auto=False)),
+            "thin_provisioning_support": True,
+            "thick_provisioning_support": True,
+            "multiattach": False,
+            "online_extend_support": False,
+            "QoS_support": False,
+            "location_info": self._location_info(),
+            "ovirt_domain_type": str(dom.metadata.type),
+            "ovirt_copy_offload": conf.ovirt_copy_offload,
+        }
+
+
+def _provisioned(pool: StoragePool, sd_id: str) -> int:
+    """Sum of the virtual sizes of the images of a domain."""
+    total = 0
+    for img_id in pool.list_images(sd_id):
+        try:
+            tree = pool.image(sd_id, img_id)
+            vol = tree.template() or tree.leaf()
+        except errors.StorageError:
+            continue
+        total += vol.meta.capacity
+    return total
+
+
+@contextlib.contextmanager
+def _downloaded(context: Any, image_service: Any, image_id: str,
+                volume: Any) -> Iterator[str]:
+    """The image's bytes in a local file: Cinder's own download if the
+    create flow already made one, else a temporary file of ours."""
+    path = image_utils.TemporaryImages.for_image_service(
+        image_service).get(context, image_id)
+    if path:
+        yield path
+        return
+    with image_utils.temporary_file(prefix="ovirt_image_") as tmp:
+        image_utils.fetch(context, image_service, image_id, tmp,
+                          volume.user_id, volume.project_id)
+        yield tmp
+
+
+def _location_urls(image_location: Any) -> list[str]:
+    """URLs of Cinder's (direct_url, [{'url': ...}, ...]) location tuple."""
+    if not image_location:
+        return []
+    direct_url, locations = image_location
+    urls = [direct_url] if direct_url else []
+    urls += [loc.get("url") for loc in locations or [] if loc.get("url")]
+    return urls

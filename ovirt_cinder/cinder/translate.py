@@ -1,0 +1,53 @@
+"""Engine errors to Cinder exceptions: the only place they are mapped.
+
+:func:`engine_errors` wraps every engine call of the driver. Mapping:
+
+======================================  ===================================
+engine error                            Cinder exception
+======================================  ===================================
+ImageNotFound, VolumeNotFound           VolumeNotFound (``volume_id``)
+SnapshotNotFound                        SnapshotNotFound (``snapshot_id``)
+ImageIsBusy                             VolumeIsBusy
+UnsafeImage (FormatMismatch, ...)       ImageUnacceptable
+InvalidOperation, InvalidParameter      InvalidVolume
+any other StorageError                  VolumeBackendAPIException
+======================================  ===================================
+
+The original engine error stays the ``__cause__`` of the Cinder one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from cinder import exception
+
+from ovirt_cinder.storage import errors
+
+__all__ = ["engine_errors"]
+
+
+@contextlib.contextmanager
+def engine_errors(volume_id: str = "", snapshot_id: str = "",
+                  image_id: str = "") -> Iterator[None]:
+    """Re-raise engine errors inside the block as Cinder exceptions."""
+    try:
+        yield
+    except errors.StorageError as e:
+        raise _cinder_error(e, volume_id, snapshot_id, image_id) from e
+
+
+def _cinder_error(e: errors.StorageError, volume_id: str,
+                  snapshot_id: str, image_id: str) -> Exception:
+    if isinstance(e, errors.SnapshotNotFound):
+        return exception.SnapshotNotFound(snapshot_id=snapshot_id or e)
+    if isinstance(e, (errors.ImageNotFound, errors.VolumeNotFound)):
+        return exception.VolumeNotFound(volume_id=volume_id or e)
+    if isinstance(e, errors.ImageIsBusy):
+        return exception.VolumeIsBusy(volume_name=volume_id or e)
+    if isinstance(e, errors.UnsafeImage):
+        return exception.ImageUnacceptable(image_id=image_id, reason=str(e))
+    if isinstance(e, (errors.InvalidOperation, errors.InvalidParameter)):
+        return exception.InvalidVolume(reason=str(e))
+    return exception.VolumeBackendAPIException(data=str(e))

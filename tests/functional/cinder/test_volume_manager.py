@@ -1,0 +1,138 @@
+"""The driver under Cinder's real VolumeManager, checked by content."""
+
+from cinder import objects
+
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import qemuimg
+from tests import qemuio
+from tests.functional.cinder.conftest import new_volume
+
+MiB, GiB = sc.MiB, sc.GiB
+
+
+def leaf(mgr, volume):
+    drv = mgr.driver
+    volume.refresh()
+    return drv.pool.leaf(drv._sd_id(volume), volume.name_id)
+
+
+def write(mgr, volume, offset, pattern):
+    v = leaf(mgr, volume)
+    qemuio.write_pattern(v.path, v.qemu_format, offset, MiB, pattern)
+
+
+def verify(mgr, volume, offset, pattern):
+    v = leaf(mgr, volume)
+    qemuio.verify_pattern(v.path, v.qemu_format, offset, MiB, pattern)
+
+
+def test_service_reports_pools(volume_manager, storage):
+    volume_manager._report_driver_status(None)
+    stats = volume_manager.driver.get_volume_stats()
+    assert {p["pool_name"] for p in stats["pools"]} == set(storage.domains)
+
+
+def test_create_snapshot_clone_extend_delete(volume_manager, ctx, storage):
+    mgr, sd_id = volume_manager, storage.master.sd_id
+    volume = new_volume(ctx, sd_id)
+    mgr.create_volume(ctx, volume)
+    volume.refresh()
+    assert volume.status == "available"
+    write(mgr, volume, 0, 0x11)
+
+    snap = objects.Snapshot(ctx, volume_id=volume.id, volume_size=1,
+                            status="creating", user_id=ctx.user_id,
+                            project_id=ctx.project_id)
+    snap.create()
+    mgr.create_snapshot(ctx, snap)
+    snap.refresh()
+    assert snap.status == "available"
+    write(mgr, volume, 0, 0x12)
+
+    from_snap = new_volume(ctx, sd_id, size=2, snapshot_id=snap.id)
+    mgr.create_volume(ctx, from_snap,
+                      request_spec=objects.RequestSpec(snapshot_id=snap.id))
+    from_snap.refresh()
+    assert from_snap.status == "available"
+    verify(mgr, from_snap, 0, 0x11)
+
+    clone = new_volume(ctx, sd_id, source_volid=volume.id)
+    mgr.create_volume(ctx, clone, request_spec=objects.RequestSpec(
+        source_volid=volume.id))
+    verify(mgr, clone, 0, 0x12)
+
+    volume.status, snap.status = "reverting", "restoring"
+    volume.save()
+    snap.save()
+    mgr.revert_to_snapshot(ctx, volume, snap)
+    verify(mgr, volume, 0, 0x11)
+
+    mgr.extend_volume(ctx, volume, 3, None)
+    volume.refresh()
+    assert volume.size == 3 and leaf(mgr, volume).meta.capacity == 3 * GiB
+
+    mgr.delete_snapshot(ctx, snap)
+    for v in (volume, from_snap, clone):
+        mgr.delete_volume(ctx, v)
+    assert all(storage.list_images(s) == [] for s in storage.domains)
+
+
+def test_create_from_image_and_upload(volume_manager, ctx, storage, images,
+                                      tmp_path):
+    mgr, sd_id = volume_manager, storage.master.sd_id
+    src = str(tmp_path / "src.qcow2")
+    qemuimg.create(src, "qcow2", 64 * MiB)
+    qemuio.write_pattern(src, "qcow2", 0, MiB, 0x31)
+    image_id = images.add_file(src, "qcow2", virtual_size=64 * MiB,
+                               min_disk=0)
+    volume = new_volume(ctx, sd_id)
+    mgr.create_volume(ctx, volume, request_spec=objects.RequestSpec(
+        image_id=image_id))
+    volume.refresh()
+    assert volume.status == "available", volume.status
+    verify(mgr, volume, 0, 0x31)
+
+    upload = images.add(b"", "raw")
+    volume.status = "uploading"
+    volume.save()
+    mgr.copy_volume_to_image(ctx, volume.id, images.show(ctx, upload))
+    out = tmp_path / "uploaded.raw"
+    out.write_bytes(images.data[upload])
+    qemuio.verify_pattern(str(out), "raw", 0, MiB, 0x31)
+
+
+def test_manage_unmanage(volume_manager, ctx, storage):
+    mgr, sd_id = volume_manager, storage.master.sd_id
+    img = "6a0f5d8e-0a41-4b1d-9a36-1b3c2f0e7d11"
+    vol = storage.create_volume(sd_id, img, GiB)
+    qemuio.write_pattern(vol.path, vol.qemu_format, 0, MiB, 0x41)
+    volume = new_volume(ctx, sd_id, size=0)
+    volume.status = "managing"
+    volume.save()
+    mgr.manage_existing(ctx, volume, {"source-name": img})
+    volume.refresh()
+    assert volume.status == "available" and volume.size == 1
+    assert volume.name_id == img
+    verify(mgr, volume, 0, 0x41)
+    mgr.delete_volume(ctx, volume, unmanage_only=True)
+    assert storage.list_images(sd_id) == [img]
+
+
+def test_migrate_between_domains(volume_manager, ctx, storage):
+    mgr = volume_manager
+    sd1 = storage.master.sd_id
+    sd2 = next(s for s in storage.domains if s != sd1)
+    volume = new_volume(ctx, sd1)
+    mgr.create_volume(ctx, volume)
+    write(mgr, volume, 0, 0x51)
+    volume.refresh()
+    caps = mgr.driver.get_volume_stats(refresh=True)["pools"][0]
+    host = {"host": f"{volume.host.split('#')[0]}#{sd2}",
+            "capabilities": caps}
+    volume.migration_status = "starting"
+    volume.save()
+    mgr.migrate_volume(ctx, volume, host, force_host_copy=False)
+    volume.refresh()
+    assert volume.host.endswith(sd2), volume.migration_status
+    assert storage.list_images(sd1) == []
+    verify(mgr, volume, 0, 0x51)

@@ -1,0 +1,433 @@
+"""OvirtVolumeDriver on a real two-domain pool with the real qemu-img.
+
+Cinder objects are Cinder's own fakes (fake_volume, fake_snapshot); the
+only stand-in is the Glance image service (tests.unit.cinder.fakes). Data
+is written and checked by content with qemu-io.
+"""
+
+import os
+import subprocess
+import uuid
+
+import pytest
+from cinder import exception
+from cinder.tests.unit import fake_snapshot
+from cinder.tests.unit import fake_volume
+from oslo_config import cfg
+
+from ovirt_cinder import opts
+from ovirt_cinder.cinder import driver as ovirt_driver
+from ovirt_cinder.cinder import options
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import qemuimg
+from tests import qemuio
+
+MiB, GiB = sc.MiB, sc.GiB
+
+
+def uid():
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def sd1(storage):
+    return storage.master.sd_id
+
+
+@pytest.fixture
+def sd2(storage):
+    return next(s for s in storage.domains if s != storage.master.sd_id)
+
+
+def new_volume(ctx, sd_id, size=1, **kw):
+    vid = uid()
+    return fake_volume.fake_volume_obj(
+        ctx, id=vid, name=f"volume-{vid}", size=size,
+        host=f"host@ovirt1#{sd_id}", **kw)
+
+
+def new_snapshot(ctx, volume):
+    return fake_snapshot.fake_snapshot_obj(
+        ctx, id=uid(), volume_id=volume.id, volume=volume,
+        volume_size=volume.size)
+
+
+def leaf(drv, volume):
+    return drv.pool.leaf(drv._sd_id(volume), volume.name_id)
+
+
+def write(drv, volume, offset, pattern):
+    v = leaf(drv, volume)
+    qemuio.write_pattern(v.path, v.qemu_format, offset, MiB, pattern)
+
+
+def verify(drv, volume, offset, pattern):
+    v = leaf(drv, volume)
+    qemuio.verify_pattern(v.path, v.qemu_format, offset, MiB, pattern)
+
+
+@pytest.fixture
+def created(drv, ctx, sd1):
+    volume = new_volume(ctx, sd1)
+    drv.create_volume(volume)
+    return volume
+
+
+# Options
+
+def test_options_in_backend_defaults(drv, config):
+    names = {o.name for o in drv.get_driver_options()}
+    assert {"ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_volume_format",
+            "ovirt_volume_allocation", "ovirt_lease_backend",
+            "ovirt_host_id", "ovirt_max_image_virtual_size_gb",
+            "ovirt_copy_offload"} == names
+    # Set in backend_defaults, read through the backend section.
+    assert config.ovirt_max_image_virtual_size_gb == 2
+    assert config.ovirt_volume_format == "raw"
+
+
+def test_list_opts():
+    groups = dict(opts.list_opts())
+    assert groups["backend_defaults"] == options.OVIRT_OPTS
+
+
+def test_sanlock_refused(config):
+    cfg.CONF.set_override("ovirt_lease_backend", "sanlock",
+                          group="backend_defaults")
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    with pytest.raises(exception.VolumeDriverException):
+        d.do_setup(None)
+
+
+# Create, delete
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_create_volume(drv, ctx, sd2, fmt, config):
+    cfg.CONF.set_override("ovirt_volume_format", fmt,
+                          group="backend_defaults")
+    volume = new_volume(ctx, sd2, size=2)
+    drv.create_volume(volume)
+    v = leaf(drv, volume)
+    assert drv.pool.find_image(volume.name_id) == sd2
+    assert v.qemu_format == fmt and v.meta.capacity == 2 * GiB
+    write(drv, volume, 0, 0x41)
+    verify(drv, volume, 0, 0x41)
+
+
+def test_create_volume_for_migration_is_raw(drv, ctx, sd1, config):
+    cfg.CONF.set_override("ovirt_volume_format", "qcow2",
+                          group="backend_defaults")
+    volume = new_volume(ctx, sd1, migration_status=f"target:{uid()}")
+    drv.create_volume(volume)
+    assert leaf(drv, volume).qemu_format == "raw"
+
+
+def test_create_volume_unknown_pool(drv, ctx):
+    with pytest.raises(exception.InvalidHost):
+        drv.create_volume(new_volume(ctx, uid()))
+
+
+def test_delete_volume(drv, created):
+    drv.delete_volume(created)
+    assert drv.pool.list_images(drv.pool.master.sd_id) == []
+    drv.delete_volume(created)  # already gone
+
+
+def test_delete_volume_with_snapshot_is_busy(drv, ctx, created):
+    drv.create_snapshot(new_snapshot(ctx, created))
+    with pytest.raises(exception.VolumeIsBusy):
+        drv.delete_volume(created)
+    assert drv.pool.list_images(drv.pool.master.sd_id) == [created.name_id]
+
+
+def test_deleted_data_not_readable(drv, ctx, sd1, created):
+    write(drv, created, 0, 0x55)
+    path = leaf(drv, created).path
+    drv.delete_volume(created)
+    again = new_volume(ctx, sd1)
+    drv.create_volume(again)
+    assert not os.path.exists(path)
+    v = leaf(drv, again)
+    qemuio.verify_zero(v.path, v.qemu_format, 0, 4 * MiB)
+
+
+def test_name_id_is_the_image(drv, ctx, sd1):
+    volume = new_volume(ctx, sd1, _name_id=uid())
+    drv.create_volume(volume)
+    assert drv.pool.list_images(sd1) == [volume._name_id]
+
+
+# Snapshots, clones, extend, revert
+
+def test_snapshot_and_volume_from_snapshot_larger(drv, ctx, sd2, created):
+    write(drv, created, 0, 0x01)
+    snap = new_snapshot(ctx, created)
+    drv.create_snapshot(snap)
+    write(drv, created, 0, 0x02)
+    clone = new_volume(ctx, sd2, size=2)
+    drv.create_volume_from_snapshot(clone, snap)
+    verify(drv, clone, 0, 0x01)
+    assert leaf(drv, clone).meta.capacity == 2 * GiB
+    verify(drv, created, 0, 0x02)
+    drv.delete_snapshot(snap)
+    verify(drv, created, 0, 0x02)
+    drv.delete_snapshot(snap)  # already gone
+    drv.delete_volume(created)
+
+
+def test_clone(drv, ctx, sd1, created):
+    write(drv, created, MiB, 0x07)
+    clone = new_volume(ctx, sd1, size=3)
+    drv.create_cloned_volume(clone, created)
+    verify(drv, clone, MiB, 0x07)
+    write(drv, clone, MiB, 0x08)
+    verify(drv, created, MiB, 0x07)
+    assert leaf(drv, clone).meta.capacity == 3 * GiB
+
+
+def test_extend(drv, created):
+    write(drv, created, 0, 0x03)
+    drv.extend_volume(created, 4)
+    assert leaf(drv, created).meta.capacity == 4 * GiB
+    verify(drv, created, 0, 0x03)
+
+
+def test_revert_to_snapshot(drv, ctx, created):
+    write(drv, created, 0, 0x0a)
+    snap = new_snapshot(ctx, created)
+    drv.create_snapshot(snap)
+    write(drv, created, 0, 0x0b)
+    drv.revert_to_snapshot(ctx, created, snap)
+    verify(drv, created, 0, 0x0a)
+
+
+def test_snapshot_missing_volume(drv, ctx, sd1):
+    volume = new_volume(ctx, sd1)
+    with pytest.raises(exception.VolumeNotFound):
+        drv.create_snapshot(new_snapshot(ctx, volume))
+
+
+# Attach
+
+def test_initialize_connection_local_raw(drv, created):
+    conn = drv.initialize_connection(created, {})
+    assert conn == {"driver_volume_type": "local",
+                    "data": {"device_path": leaf(drv, created).path}}
+
+
+def test_initialize_connection_local_chain_refused(drv, ctx, created):
+    drv.create_snapshot(new_snapshot(ctx, created))
+    with pytest.raises(exception.VolumeBackendAPIException):
+        drv.initialize_connection(created, {})
+
+
+def test_initialize_connection_nfs(drv, ctx, storage, mounts, tmp_path):
+    mount = tmp_path / "nfs"
+    mount.mkdir()
+    dom = storage.add_domain(str(mount), domain_type=sc.DomainType.NFS)
+    dom.write_metadata(dom.metadata.replace(remote_path="srv:/export"))
+    cfg.CONF.set_override("ovirt_domain_paths", [*mounts, str(mount)],
+                          group="backend_defaults")
+    drv.do_setup(None)
+    volume = new_volume(ctx, dom.sd_id)
+    drv.create_volume(volume)
+    conn = drv.initialize_connection(volume, {})
+    name = f"{dom.sd_id}/images/{volume.name_id}/{leaf(drv, volume).vol_id}"
+    assert conn == {"driver_volume_type": "nfs", "data": {
+        "export": "srv:/export", "name": name, "format": "raw"}}
+    assert os.path.exists(os.path.join(str(mount), name))
+
+
+# Stats
+
+def test_stats_pool_per_domain(drv, sd1, sd2, created):
+    stats = drv.get_volume_stats(refresh=True)
+    assert stats["storage_protocol"] == "file"
+    assert stats["volume_backend_name"] == "OvirtVolumeDriver"
+    pools = {p["pool_name"]: p for p in stats["pools"]}
+    assert set(pools) == {sd1, sd2}
+    p = pools[sd1]
+    assert p["provisioned_capacity_gb"] == 1
+    assert pools[sd2]["provisioned_capacity_gb"] == 0
+    assert p["total_capacity_gb"] >= p["free_capacity_gb"] > 0
+    assert p["thin_provisioning_support"] is True
+    assert p["max_over_subscription_ratio"] == 20.0
+    assert p["multiattach"] is False
+    assert p["online_extend_support"] is False
+
+
+# Images
+
+def make_image(tmp_path, fmt, pattern, size=16 * MiB, **create):
+    path = str(tmp_path / f"src.{fmt}")
+    qemuimg.create(path, fmt, size, **create)
+    qemuio.write_pattern(path, fmt, 0, MiB, pattern)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_copy_image_to_volume(drv, ctx, images, created, tmp_path, fmt):
+    image_id = images.add_file(make_image(tmp_path, fmt, 0x33), fmt)
+    drv.copy_image_to_volume(ctx, created, images, image_id)
+    verify(drv, created, 0, 0x33)
+    assert leaf(drv, created).meta.capacity == GiB
+
+
+def assert_refused(drv, ctx, images, volume, image_id):
+    before = leaf(drv, volume)
+    with pytest.raises(exception.ImageUnacceptable):
+        drv.copy_image_to_volume(ctx, volume, images, image_id)
+    assert leaf(drv, volume) == before
+    qemuio.verify_zero(before.path, before.qemu_format, 0, MiB)
+    conv = cfg.CONF.image_conversion_dir
+    assert not os.path.exists(conv) or os.listdir(conv) == []
+
+
+def test_copy_image_backing_file_refused(drv, ctx, images, created,
+                                         tmp_path):
+    base = make_image(tmp_path, "raw", 0x44)
+    top = str(tmp_path / "top.qcow2")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", base,
+                    "-F", "raw", top], check=True, capture_output=True)
+    assert_refused(drv, ctx, images, created, images.add_file(top, "qcow2"))
+
+
+def test_copy_image_format_mismatch_refused(drv, ctx, images, created,
+                                            tmp_path):
+    path = make_image(tmp_path, "qcow2", 0x44)
+    assert_refused(drv, ctx, images, created, images.add_file(path, "raw"))
+
+
+def test_copy_image_too_large_refused(drv, ctx, images, created,
+                                      tmp_path):
+    path = make_image(tmp_path, "qcow2", 0x44, size=3 * GiB)
+    assert_refused(drv, ctx, images, created,
+                   images.add_file(path, "qcow2"))
+
+
+@pytest.mark.parametrize("disk_format", ["raw", "qcow2"])
+def test_copy_volume_to_image_chain(drv, ctx, images, created, tmp_path,
+                                    disk_format):
+    write(drv, created, 0, 0x21)
+    drv.create_snapshot(new_snapshot(ctx, created))
+    write(drv, created, MiB, 0x22)
+    image_id = images.add(b"", disk_format)
+    created.glance_metadata = {}
+    drv.copy_volume_to_image(ctx, created, images, images.show(ctx,
+                                                                image_id))
+    out = tmp_path / "uploaded"
+    out.write_bytes(images.data[image_id])
+    info = qemuimg.info(str(out))
+    assert info.format == disk_format and info.backing_filename is None
+    qemuio.verify_pattern(str(out), disk_format, 0, MiB, 0x21)
+    qemuio.verify_pattern(str(out), disk_format, MiB, MiB, 0x22)
+
+
+def make_template(storage, sd_id, tmp_path):
+    src = make_image(tmp_path, "raw", 0x5a)
+    img = uid()
+    vol = storage.import_volume(sd_id, img, src, "raw", 16 * MiB,
+                                fmt=sc.VolumeFormat.RAW,
+                                voltype=sc.VolumeType.SHARED)
+    return f"ovirt://{storage.pool_id}/{sd_id}/{img}/{vol.vol_id}", img
+
+
+@pytest.mark.parametrize("same_domain", [True, False])
+def test_clone_image(drv, ctx, storage, sd1, sd2, tmp_path, same_domain):
+    url, tmpl_img = make_template(storage, sd1, tmp_path)
+    volume = new_volume(ctx, sd1 if same_domain else sd2)
+    locations = (url, [{"url": url, "metadata": {}}])
+    assert drv.clone_image(ctx, volume, locations, {}, None) == (None, True)
+    v = leaf(drv, volume)
+    assert v.parent is not None and v.meta.capacity == GiB
+    verify(drv, volume, 0, 0x5a)
+    assert drv.pool.domain(drv._sd_id(volume)).has_image(tmpl_img)
+
+
+def test_clone_image_other_location(drv, ctx, sd1):
+    volume = new_volume(ctx, sd1)
+    loc = ("file:///tmp/x", [{"url": "ovirt://bad", "metadata": {}}])
+    assert drv.clone_image(ctx, volume, loc, {}, None) == (None, False)
+    assert drv.clone_image(ctx, volume, None, {}, None) == (None, False)
+
+
+def test_parse_location():
+    ids = [uid() for _ in range(4)]
+    assert ovirt_driver.parse_location("ovirt://" + "/".join(ids)) == \
+        tuple(ids)
+    assert ovirt_driver.parse_location("rbd://a/b/c/d") is None
+
+
+# Manage
+
+def test_manage_existing(drv, ctx, storage, sd1):
+    img = uid()
+    vol = storage.create_volume(sd1, img, GiB + MiB)
+    qemuio.write_pattern(vol.path, vol.qemu_format, 0, MiB, 0x61)
+    volume = new_volume(ctx, sd1, size=2)
+    ref = {"source-name": img}
+    listed = drv.get_manageable_volumes([], None, 10, 0, ["size"], ["asc"])
+    assert [e["reference"] for e in listed] == [ref]
+    assert listed[0]["safe_to_manage"] is True
+    assert drv.manage_existing_get_size(volume, ref) == 2
+    update = drv.manage_existing(volume, ref)
+    assert update == {"_name_id": img}
+    volume.update(update)
+    verify(drv, volume, 0, 0x61)
+    assert leaf(drv, volume).meta.capacity == 2 * GiB
+    listed = drv.get_manageable_volumes([volume], None, 10, 0, ["size"],
+                                        ["asc"])
+    assert listed[0]["safe_to_manage"] is False
+    assert listed[0]["cinder_id"] == volume.id
+    drv.unmanage(volume)
+    assert storage.list_images(sd1) == [img]
+
+
+@pytest.mark.parametrize("ref", [{"source-name": "nope"},
+                                 {"source-name": str(uuid.uuid4())}])
+def test_manage_existing_bad_reference(drv, ctx, sd1, ref):
+    with pytest.raises(exception.ManageExistingInvalidReference):
+        drv.manage_existing_get_size(new_volume(ctx, sd1), ref)
+
+
+def test_manage_existing_snapshot(drv, ctx, storage, sd1, created):
+    snap_id = uid()
+    storage.snapshot(sd1, created.name_id, snap_id)
+    listed = drv.get_manageable_snapshots(
+        [], None, 10, 0, ["size"], ["asc"])
+    assert listed == []
+    snap = new_snapshot(ctx, created)
+    ref = {"source-name": snap_id}
+    assert drv.manage_existing_snapshot_get_size(snap, ref) == 1
+    update = drv.manage_existing_snapshot(snap, ref)
+    assert update == {"provider_location": snap_id}
+    snap.update(update)
+    drv.unmanage_snapshot(snap)
+    drv.delete_snapshot(snap)
+    assert storage.image(sd1, created.name_id).snapshots() == {}
+
+
+# Migration
+
+def test_migrate_volume_between_domains(drv, ctx, sd1, sd2, created):
+    write(drv, created, 0, 0x71)
+    drv.create_snapshot(new_snapshot(ctx, created))
+    caps = drv.get_volume_stats(refresh=True)["pools"][0]
+    host = {"host": f"host@ovirt1#{sd2}", "capabilities": caps}
+    assert drv.migrate_volume(ctx, created, host) == (True, None)
+    assert drv.pool.find_image(created.name_id) == sd2
+    assert drv.pool.list_images(sd1) == []
+    created.host = host["host"]
+    verify(drv, created, 0, 0x71)
+
+
+def test_migrate_volume_other_backend(drv, ctx, sd2, created):
+    host = {"host": f"other@b#{sd2}",
+            "capabilities": {"location_info": "ovirt:" + uid()}}
+    assert drv.migrate_volume(ctx, created, host) == (False, None)
+
+
+def test_retype_format_change_needs_migration(drv, ctx, sd2, created):
+    diff = {"extra_specs": {"ovirt:volume_format": ("raw", "qcow2")}}
+    host = {"host": f"host@ovirt1#{sd2}", "capabilities": {}}
+    assert drv.retype(ctx, created, None, diff, host) == (False, None)
