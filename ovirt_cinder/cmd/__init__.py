@@ -1,0 +1,1 @@
+"""Command-line tools: the ``ovirt-storage`` admin CLI."""

@@ -1,0 +1,554 @@
+"""``ovirt-storage``: the admin command line of the storage engine.
+
+Every command opens the pool from the mount directories given with
+``-p/--path`` (repeatable; default: the colon-separated
+``OVIRT_STORAGE_PATHS``), makes one engine call and prints a human table,
+or JSON with ``--json``. Global options may come before or after the
+command (except ``--path`` of ``pool create`` and ``domain create``, which
+names the mount to create in)::
+
+    ovirt-storage pool create --path /mnt/a
+    ovirt-storage -p /mnt/a pool show
+    ovirt-storage -p /mnt/a volume create SD --size 1G --format qcow2
+    ovirt-storage -p /mnt/a image show SD IMG --json
+    ovirt-storage -p /mnt/a fsck --repair
+
+Sizes are bytes or a number with a binary suffix (``K``, ``M``, ``G``,
+``T``; ``512M``, ``1G``); they must be multiples of 512. Identifiers are
+canonical lower-case UUIDs; a new one is chosen when an optional id is not
+given.
+
+Long copies (``image clone``, ``image copy``, ``image export``,
+``volume import``) draw a progress bar on stderr when stderr is a TTY, or
+with ``--progress``.
+
+Exit codes: 0 success; 1 ``fsck`` found problems that remain; 2 a usage
+error or an engine error (printed as ``error: <message>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
+from typing import TextIO
+
+from ovirt_cinder.storage import actions
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import fsck
+from ovirt_cinder.storage import image as image_mod
+from ovirt_cinder.storage import inspect
+from ovirt_cinder.storage import validate
+from ovirt_cinder.storage.pool import StoragePool
+
+__all__ = ["Output", "main", "parse_size"]
+
+PATHS_ENV = "OVIRT_STORAGE_PATHS"
+
+_FORMATS = {"raw": sc.VolumeFormat.RAW, "qcow2": sc.VolumeFormat.COW}
+_UNITS = {"": 1, "K": sc.KiB, "M": sc.MiB, "G": sc.GiB, "T": 1024 * sc.GiB}
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_BAR_WIDTH = 30
+
+
+@dataclasses.dataclass
+class Output:
+    """What a command prints: ``data`` as JSON or ``lines`` for humans."""
+
+    data: Any
+    lines: list[str]
+    rc: int = 0
+
+
+# Argument types
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"1G"``, ``"512M"``, ``"4096"``; multiples of 512."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
+    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size <= 0 or size % sc.BLOCK_SIZE_512:
+        raise argparse.ArgumentTypeError(
+            f"invalid size: {text!r} is not a positive multiple of 512")
+    return size
+
+
+def _uuid(name: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        try:
+            return validate.check_uuid(text, name)
+        except errors.InvalidUUID as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    check.__name__ = name
+    return check
+
+
+# Output helpers
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]
+           ) -> list[str]:
+    cells = [list(headers)] + [["-" if c is None else str(c) for c in r]
+                               for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+            for r in cells]
+
+
+def _human_size(size: int) -> str:
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _draw_bar(stream: TextIO, percent: float) -> None:
+    done = int(_BAR_WIDTH * min(max(percent, 0.0), 100.0) / 100)
+    bar = "#" * done + " " * (_BAR_WIDTH - done)
+    stream.write(f"\r[{bar}] {percent:3.0f}%")
+    stream.flush()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, stream: TextIO) -> Iterator[None]:
+    """Route the engine's copy progress to a bar on ``stream``."""
+    if not enabled:
+        yield
+        return
+    saved = actions.progress_callback
+    drawn = []
+
+    def update(percent: float) -> None:
+        drawn.append(percent)
+        _draw_bar(stream, percent)
+
+    actions.progress_callback = update
+    try:
+        yield
+    finally:
+        actions.progress_callback = saved
+        if drawn:
+            stream.write("\n")
+            stream.flush()
+
+
+def _created(**ids: str) -> Output:
+    return Output(data=ids, lines=[f"{k.replace('_', ' ')}: {v}"
+                                   for k, v in ids.items()])
+
+
+# Pool
+
+def _mounts(args: argparse.Namespace) -> list[str]:
+    paths = args.paths or [
+        p for p in os.environ.get(PATHS_ENV, "").split(":") if p]
+    if not paths:
+        raise errors.InvalidParameter(
+            name="path", value=None,
+            reason=f"give -p/--path MOUNT or set {PATHS_ENV}")
+    return paths
+
+
+def _open(args: argparse.Namespace) -> StoragePool:
+    return StoragePool.open(_mounts(args), pool_id=args.pool_id)
+
+
+def _or_new(value: str | None) -> str:
+    return value or validate.new_uuid()
+
+
+# Commands: pool and domains
+
+def cmd_pool_create(args: argparse.Namespace) -> Output:
+    pool = StoragePool.create(args.target, pool_id=args.new_pool_id,
+                              sd_id=args.domain_id,
+                              description=args.description)
+    return _created(pool_id=pool.pool_id, master_domain_id=pool.master.sd_id)
+
+
+def _domain_row(pool: StoragePool, dom) -> dict[str, object]:
+    stats = dom.stats()
+    return {"sd_id": dom.sd_id, "role": str(dom.metadata.role),
+            "type": str(dom.metadata.type), "path": dom.path,
+            "description": dom.metadata.description,
+            "total": stats.total, "free": stats.free, "used": stats.used,
+            "images": len(pool.list_images(dom.sd_id))}
+
+
+def _domains_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(
+        ["DOMAIN", "ROLE", "TYPE", "TOTAL", "FREE", "USED", "IMAGES",
+         "PATH"],
+        [[r["sd_id"], r["role"], r["type"], _human_size(r["total"]),
+          _human_size(r["free"]), _human_size(r["used"]), r["images"],
+          r["path"]] for r in rows])
+
+
+def _domain_rows(pool: StoragePool) -> list[dict[str, Any]]:
+    return [_domain_row(pool, d) for _, d in sorted(pool.domains.items())]
+
+
+def cmd_pool_show(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    rows = _domain_rows(pool)
+    data = {"pool_id": pool.pool_id, "master": pool.master.sd_id,
+            "domains": rows}
+    return Output(data, [f"pool: {pool.pool_id}", ""] + _domains_table(rows))
+
+
+def cmd_domain_create(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    dom = pool.add_domain(args.target, sd_id=args.domain_id,
+                          description=args.description)
+    return _created(domain_id=dom.sd_id, pool_id=pool.pool_id)
+
+
+def cmd_domain_list(args: argparse.Namespace) -> Output:
+    rows = _domain_rows(_open(args))
+    return Output(rows, _domains_table(rows))
+
+
+# Commands: images
+
+def _image_row(pool: StoragePool, sd_id: str, img_id: str) -> dict:
+    row: dict[str, Any] = {"img_id": img_id}
+    try:
+        tree = pool.image(sd_id, img_id)
+        top = tree.template() or tree.leaf()
+    except errors.StorageError as e:
+        row.update(error=str(e))
+        return row
+    row.update(volumes=len(list(tree.own_volumes())),
+               snapshots=len(tree.snapshots()), format=top.qemu_format,
+               capacity=top.meta.capacity,
+               template=tree.template() is not None, error=None)
+    return row
+
+
+def cmd_image_list(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    rows = [_image_row(pool, args.domain, i)
+            for i in pool.list_images(args.domain)]
+    return Output(rows, _table(
+        ["IMAGE", "VOLUMES", "SNAPSHOTS", "FORMAT", "CAPACITY", "TEMPLATE"],
+        [[r["img_id"], r.get("volumes"), r.get("snapshots"),
+          r.get("format"), _human_size(r["capacity"]) if "capacity" in r
+          else "broken: " + r["error"],
+          ("yes" if r["template"] else "no") if "template" in r else None]
+         for r in rows]))
+
+
+def _ordered_volumes(tree: image_mod.ImageTree) -> tuple[list, list]:
+    """The chain base->leaf (or the template), then every other volume."""
+    tmpl = tree.template()
+    try:
+        chain = [tmpl] if tmpl else tree.chain()
+    except errors.ChainError:
+        chain = []      # broken: list every volume, no chain
+    ids = {v.vol_id for v in chain}
+    rest = sorted((v for v in tree.volumes.values() if v.vol_id not in ids),
+                  key=lambda v: (v.meta.sequence, v.vol_id))
+    return chain, rest
+
+
+def _chain_line(chain: list[image_mod.Volume], img_id: str) -> str:
+    if not chain:
+        return "chain: broken (run fsck)"
+    parts = []
+    for vol in chain:
+        label = vol.vol_id[:8]
+        if vol.meta.image != img_id:
+            label += " (template)"
+        elif vol.snapshot_id:
+            label += f" (snap {vol.snapshot_id[:8]})"
+        parts.append(label)
+    return "chain: " + " -> ".join(parts) + "  [leaf]"
+
+
+def cmd_image_show(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    tree = pool.image(args.domain, args.image)
+    chain, rest = _ordered_volumes(tree)
+    volumes = [v.as_dict() for v in chain + rest]
+    data = {"sd_id": args.domain, "img_id": args.image,
+            "template": tree.template() is not None,
+            "leaf": chain[-1].vol_id if chain else None,
+            "chain": [v.vol_id for v in chain], "volumes": volumes}
+    lines = _table(
+        ["VOLUME", "PARENT", "FORMAT", "VOLTYPE", "LEGALITY", "CAPACITY",
+         "GEN", "SNAPSHOT"],
+        [[v["vol_id"], v["parent"], v["format"], v["voltype"],
+          v["legality"], _human_size(v["capacity"]), v["generation"],
+          v["snapshot_id"]] for v in volumes])
+    return Output(data, lines + ["", _chain_line(chain, args.image)])
+
+
+def _voltype(args: argparse.Namespace) -> sc.VolumeType:
+    return sc.VolumeType.SHARED if args.template else sc.VolumeType.LEAF
+
+
+def cmd_volume_create(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    img_id = _or_new(args.image_id)
+    vol = pool.create_volume(
+        args.domain, img_id, args.size, fmt=_FORMATS[args.format],
+        prealloc=(sc.Preallocation.PREALLOCATED if args.preallocated
+                  else sc.Preallocation.SPARSE),
+        voltype=_voltype(args))
+    return _created(image_id=img_id, volume_id=vol.vol_id)
+
+
+def cmd_volume_import(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    pool.domain(args.domain)
+    found = inspect.inspect_untrusted(args.file)
+    capacity = -(-found.virtual_size // sc.BLOCK_SIZE_512) * \
+        sc.BLOCK_SIZE_512
+    img_id = _or_new(args.image_id)
+    vol = pool.import_volume(
+        args.domain, img_id, args.file, inspect.qemu_format(found.format),
+        capacity, fmt=_FORMATS[args.format], voltype=_voltype(args))
+    out = _created(image_id=img_id, volume_id=vol.vol_id)
+    out.data.update(source_format=found.format, capacity=capacity)
+    return out
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    snap_id = _or_new(args.snapshot_id)
+    vol = pool.snapshot(args.domain, args.image, snap_id)
+    return _created(snapshot_id=snap_id, volume_id=vol.vol_id)
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> Output:
+    _open(args).delete_snapshot(args.domain, args.image, args.snapshot)
+    return _created(deleted_snapshot=args.snapshot)
+
+
+def cmd_snapshot_revert(args: argparse.Namespace) -> Output:
+    vol = _open(args).revert_to_snapshot(args.domain, args.image,
+                                         args.snapshot)
+    return _created(reverted_to=args.snapshot, leaf_id=vol.vol_id)
+
+
+def cmd_image_clone(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    img_id = _or_new(args.image_id)
+    fmt = _FORMATS[args.format] if args.format else None
+    vol = pool.clone(args.domain, args.image, img_id, snap_id=args.snapshot,
+                     dst_sd_id=args.to_domain, size=args.size, fmt=fmt)
+    return _created(image_id=img_id, volume_id=vol.vol_id,
+                    domain_id=args.to_domain or args.domain)
+
+
+def cmd_image_thin_clone(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    img_id = _or_new(args.image_id)
+    vol = pool.thin_clone(args.domain, args.template, img_id,
+                          size=args.size)
+    return _created(image_id=img_id, volume_id=vol.vol_id)
+
+
+def cmd_image_extend(args: argparse.Namespace) -> Output:
+    vol = _open(args).extend(args.domain, args.image, args.size)
+    return Output({"img_id": args.image, "capacity": vol.meta.capacity},
+                  [f"capacity: {vol.meta.capacity}"])
+
+
+def cmd_image_copy(args: argparse.Namespace) -> Output:
+    tree = _open(args).copy_image(args.domain, args.image, args.to_domain,
+                                  move=args.move)
+    return _created(image_id=tree.img_id, domain_id=args.to_domain)
+
+
+def cmd_image_delete(args: argparse.Namespace) -> Output:
+    removed = _open(args).delete_image(args.domain, args.image)
+    return Output({"img_id": args.image, "removed": removed},
+                  ["deleted" if removed else "already gone"])
+
+
+def cmd_image_export(args: argparse.Namespace) -> Output:
+    _open(args).export_volume(args.domain, args.image, args.file,
+                              fmt=args.format, snap_id=args.snapshot)
+    return _created(exported_to=args.file)
+
+
+# Commands: checks
+
+def _problem_lines(problems: list[fsck.Problem]) -> list[str]:
+    return _table(
+        ["KIND", "DOMAIN", "IMAGE", "VOLUME", "DETAIL", "GARBAGE"],
+        [[p.kind, p.sd_id, p.img_id, p.vol_id, f"{p.detail} ({p.path})",
+          "yes" if p.garbage else "no"] for p in problems])
+
+
+def cmd_fsck(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    report = fsck.repair(pool) if args.repair else fsck.check(pool)
+    lines = [f"recovered flow {n}: {o}" for n, o in report.recovered]
+    lines += [f"removed {p.kind}: {p.path}" for p in report.repaired]
+    if report.clean:
+        lines.append("clean")
+    else:
+        lines += _problem_lines(report.problems)
+    return Output(report.as_dict(), lines, rc=0 if report.clean else 1)
+
+
+def cmd_recover(args: argparse.Namespace) -> Output:
+    done = _open(args).recover()
+    return Output([{"flow": n, "outcome": o} for n, o in done],
+                  [f"{n}: {o}" for n, o in done] or ["nothing to recover"])
+
+
+# Parser: (command, handler, help, arguments), an argument (flags, kwargs)
+
+def _arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict]:
+    return flags, kwargs
+
+
+def _format(default: str | None) -> tuple[tuple[str, ...], dict]:
+    return _arg("--format", choices=sorted(_FORMATS), default=default)
+
+
+_DOMAIN = _arg("domain", type=_uuid("domain id"))
+_IMAGE = _arg("image", type=_uuid("image id"))
+_SNAPSHOT = _arg("snapshot", type=_uuid("snapshot id"))
+_NEW_IMAGE = _arg("--image-id", type=_uuid("image id"))
+_NEW_DOMAIN = _arg("--domain-id", type=_uuid("domain id"))
+_DESCRIPTION = _arg("--description", default="")
+_TEMPLATE = _arg("--template", action="store_true",
+                 help="a template (SHARED volume)")
+_SIZE = _arg("--size", type=parse_size, help="bytes, or 512M, 1G, ...")
+
+_COMMANDS = [
+    ("pool create", cmd_pool_create, "create a pool and its master domain",
+     [_arg("--path", dest="target", metavar="MOUNT", required=True),
+      _arg("--pool-id", dest="new_pool_id", type=_uuid("pool id")),
+      _NEW_DOMAIN, _DESCRIPTION]),
+    ("pool show", cmd_pool_show, "show the pool and its domains", []),
+    ("domain create", cmd_domain_create, "add a domain to the pool",
+     [_arg("--path", dest="target", metavar="MOUNT", required=True),
+      _NEW_DOMAIN, _DESCRIPTION]),
+    ("domain list", cmd_domain_list, "list the domains", []),
+    ("image list", cmd_image_list, "list the images of a domain",
+     [_DOMAIN]),
+    ("image show", cmd_image_show, "show the volume tree", [_DOMAIN, _IMAGE]),
+    ("image clone", cmd_image_clone, "full copy into a new image",
+     [_DOMAIN, _IMAGE, _NEW_IMAGE,
+      _arg("--snapshot", type=_uuid("snapshot id")),
+      _arg("--to-domain", type=_uuid("domain id")), _SIZE, _format(None)]),
+    ("image thin-clone", cmd_image_thin_clone, "new image over a template",
+     [_DOMAIN, _arg("template", type=_uuid("image id")), _NEW_IMAGE,
+      _SIZE]),
+    ("image extend", cmd_image_extend, "grow the image",
+     [_DOMAIN, _IMAGE, _arg("size", type=parse_size)]),
+    ("image copy", cmd_image_copy, "copy the image to another domain",
+     [_DOMAIN, _IMAGE, _arg("to_domain", type=_uuid("domain id")),
+      _arg("--move", action="store_true")]),
+    ("image delete", cmd_image_delete, "delete the image",
+     [_DOMAIN, _IMAGE]),
+    ("image export", cmd_image_export, "write the image into a file",
+     [_DOMAIN, _IMAGE, _arg("file"), _format("raw"),
+      _arg("--snapshot", type=_uuid("snapshot id"))]),
+    ("volume create", cmd_volume_create, "a new image with an empty volume",
+     [_DOMAIN, _NEW_IMAGE,
+      _arg("--size", type=parse_size, required=True, help=_SIZE[1]["help"]),
+      _format("qcow2"), _arg("--preallocated", action="store_true"),
+      _TEMPLATE]),
+    ("volume import", cmd_volume_import, "a new image from an image file",
+     [_DOMAIN, _arg("file"), _NEW_IMAGE, _TEMPLATE, _format("raw")]),
+    ("snapshot create", cmd_snapshot_create, "freeze the leaf",
+     [_DOMAIN, _IMAGE, _arg("--snapshot-id", type=_uuid("snapshot id"))]),
+    ("snapshot delete", cmd_snapshot_delete, "drop (merge) a snapshot",
+     [_DOMAIN, _IMAGE, _SNAPSHOT]),
+    ("snapshot revert", cmd_snapshot_revert, "revert to a snapshot",
+     [_DOMAIN, _IMAGE, _SNAPSHOT]),
+    ("fsck", cmd_fsck, "check the pool (exit 1 if problems remain)",
+     [_arg("--repair", action="store_true",
+           help="finish flows and remove garbage first")]),
+    ("recover", cmd_recover, "finish or revert unfinished operations", []),
+]
+
+
+def _common(own: set[str]) -> argparse.ArgumentParser:
+    """Global options also accepted after a command (unless it owns them)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    sup = argparse.SUPPRESS
+    if "--path" not in own:
+        parent.add_argument("-p", "--path", dest="paths", action="append",
+                            default=sup, metavar="MOUNT")
+    if "--pool-id" not in own:
+        parent.add_argument("--pool-id", type=_uuid("pool id"),
+                            default=sup)
+    parent.add_argument("--json", action="store_true", default=sup)
+    parent.add_argument("--progress", action="store_true", default=sup)
+    return parent
+
+
+def _add_commands(sub) -> None:
+    groups = {}
+    for name, func, help, arguments in _COMMANDS:
+        group, _, action = name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = sub.add_parser(
+                group, help=f"{group} commands").add_subparsers(
+                    dest="action", required=True)
+        own = {flag for flags, _ in arguments for flag in flags}
+        parser = (groups[group] if group else sub).add_parser(
+            action, help=help, parents=[_common(own)])
+        parser.set_defaults(func=func)
+        for flags, kwargs in arguments:
+            parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ovirt-storage", description="oVirt storage pool admin tool")
+    parser.add_argument("-p", "--path", dest="paths", action="append",
+                        metavar="MOUNT",
+                        help=f"mount holding pool domains (default "
+                        f"${PATHS_ENV}, colon separated)")
+    parser.add_argument("--pool-id", type=_uuid("pool id"))
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output")
+    parser.add_argument("--progress", action="store_true",
+                        help="draw a progress bar on stderr")
+    _add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _print(out: Output, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(out.data, indent=2, sort_keys=True))
+    else:
+        for line in out.lines:
+            print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args = build_parser().parse_args(argv)
+    args.progress = args.progress or sys.stderr.isatty()
+    try:
+        with _progress(args.progress, sys.stderr):
+            out = args.func(args)
+    except errors.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print(out, args.json)
+    return out.rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
