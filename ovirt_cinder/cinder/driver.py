@@ -117,8 +117,7 @@ class OvirtVolumeDriver(driver.VolumeDriver):
                 LOG.info("Recovered storage flow %s: %s", name, outcome)
         if not conf.ovirt_copy_offload:
             for dom in self.pool.domains.values():
-                # FileDomain caches its reflink probe; False disables -C.
-                dom._reflink = False
+                dom.copy_offload = False
 
     def check_for_setup_error(self) -> None:
         if self.pool is None:

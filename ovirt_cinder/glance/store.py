@@ -266,6 +266,7 @@ class Store(driver.Store):
         opts = self._options
         self.READ_CHUNKSIZE = self.WRITE_CHUNKSIZE = opts.ovirt_chunk_size
         self._pool = self._open_pool(opts)
+        self._recover()
         self._sd_id = self._store_domain(opts)
         self._url_prefix = f"{SCHEME}://{self._pool.pool_id}/"
         dom = self._pool.domain(self._sd_id)
@@ -282,6 +283,15 @@ class Store(driver.Store):
                                              pool_id=opts.ovirt_pool_uuid)
         except (errors.StorageError, OSError) as e:
             self._bad_config(f"cannot open the pool: {e}")
+
+    def _recover(self) -> None:
+        """Finish or revert flows a crashed glance-api left behind."""
+        assert self._pool is not None
+        try:
+            for name, outcome in self._pool.recover():
+                LOG.info("Recovered storage flow %s: %s", name, outcome)
+        except errors.StorageError as e:
+            self._bad_config(f"cannot recover unfinished work: {e}")
 
     def _store_domain(self, opts: Any) -> str:
         pool = self._pool

@@ -51,6 +51,9 @@ class FileDomain:
     def __init__(self, path: str, metadata: sdmeta.DomainMetadata) -> None:
         self.path = os.path.abspath(path)
         self.metadata = metadata
+        # Copies within the domain use copy offload (qemu-img -C) when
+        # this is set and the filesystem reflinks.
+        self.copy_offload = True
         self._reflink: bool | None = None
 
     def __repr__(self) -> str:
@@ -167,6 +170,8 @@ class FileDomain:
         return DomainStats(total=total, free=free, used=total - free)
 
     def supports_reflink(self) -> bool:
+        if not self.copy_offload:
+            return False
         if self._reflink is None:
             self._reflink = fileutil.supports_reflink(self.images_dir)
         return self._reflink
