@@ -6,6 +6,9 @@ SUCCESS: after it ran), then runs one operation::
 
     python -m tests.functional.crash_ops WORKDIR OP TASK STATE [LOGBOOK]
 
+TASK "progress" kills the process group once a copy reports STATE
+percent instead.
+
 WORKDIR holds ``mnt1``, ``mnt2`` and ``ctx.json`` (ids made by setup).
 """
 
@@ -18,6 +21,7 @@ import sys
 
 from taskflow.types import notifier
 
+from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage.pool import StoragePool
 
@@ -131,7 +135,16 @@ def main():
     connection = sys.argv[5] if len(sys.argv) > 5 else None
     with open(os.path.join(workdir, "ctx.json")) as f:
         ctx = json.load(f)
-    pool = open_pool(workdir, [killer(task_name, state)], connection)
+    if task_name == "progress":
+        # Kill the whole process group, qemu-img too, as a host crash
+        # would, once the copy reported STATE percent.
+        def on_progress(percent):
+            if percent >= float(state):
+                os.killpg(0, signal.SIGKILL)
+        actions.progress_callback = on_progress
+        pool = open_pool(workdir, (), connection)
+    else:
+        pool = open_pool(workdir, [killer(task_name, state)], connection)
     OPS[op](pool, ctx)
     sys.exit(3)     # not killed: the kill point was not reached
 

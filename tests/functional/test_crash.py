@@ -123,7 +123,24 @@ def run_child(work, op, task, state, *extra):
     return subprocess.run(
         [sys.executable, "-m", "tests.functional.crash_ops", work, op, task,
          state, *extra], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=120)
+        timeout=120, start_new_session=True)
+
+
+@pytest.mark.parametrize("op", ["clone", "copy", "import"])
+def test_crash_in_the_middle_of_a_copy(golden, tmp_path, op):
+    golden_dir, ctx, before = golden
+    work = copy_world(golden_dir, str(tmp_path / "w"))
+    child = run_child(work, op, "progress", "30")
+    assert child.returncode == -9, child.stderr[-2000:]
+    pool = crash_ops.open_pool(work)
+    assert not fsck.check(pool).clean
+    report = fsck.repair(pool)
+    MATRIX.append((op, "qemu-img convert", "at 30%",
+                   check_world(pool, ctx, before, report)))
+    if op == "clone":
+        # Finished by recovery: the whole view, not the 30% copied.
+        leaf = pool.leaf(ctx["sd"], crash_ops.NEW_IMG)
+        assert digest(leaf) == before[ctx["snaps"][1]]
 
 
 @pytest.mark.parametrize("op", sorted(crash_ops.OPS))
