@@ -171,6 +171,16 @@ def chain_text(pool: StoragePool, sd: str, img: str) -> str:
 SECTIONS: list[Callable[[Walk, StoragePool, str], None]] = []
 
 
+def _register_sections() -> None:
+    """Add the Glance and Cinder sections if OpenStack is importable."""
+    try:
+        from ovirt_cinder import demo_openstack
+    except ImportError as e:
+        print(f"(Glance/Cinder sections skipped: {e})")
+        return
+    SECTIONS.extend(s for s in demo_openstack.SECTIONS if s not in SECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=os.path.join(os.getcwd(), ".demo"))
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     tempfile.tempdir = args.dir
+    _register_sections()
     walk = Walk()
     start = time.monotonic()
     pool, tmpl = engine_walk(walk, args.dir)
