@@ -48,6 +48,7 @@ from ovirt_cinder.cinder.translate import engine_errors
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import inspect
+from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import validate
 from ovirt_cinder.storage.pool import StoragePool
 
@@ -103,16 +104,18 @@ class OvirtVolumeDriver(driver.VolumeDriver):
 
     def do_setup(self, context: Any) -> None:
         conf = self.configuration
-        if conf.ovirt_lease_backend != "local":
-            raise exception.VolumeDriverException(
-                message="ovirt_lease_backend=sanlock is not available in "
-                        "this release; use local")
         if not conf.ovirt_domain_paths:
             raise exception.InvalidConfigurationValue(
                 option="ovirt_domain_paths", value="")
         with engine_errors():
+            leases = lease.make_lease_manager(
+                conf.ovirt_lease_backend, host_id=conf.ovirt_host_id,
+                io_timeout=conf.ovirt_io_timeout)
             self.pool = StoragePool.open(conf.ovirt_domain_paths,
-                                         pool_id=conf.ovirt_pool_uuid or None)
+                                         pool_id=conf.ovirt_pool_uuid or None,
+                                         lease_manager=leases)
+            for dom in self.pool.domains.values():
+                leases.init_domain(dom)
             for name, outcome in self.pool.recover():
                 LOG.info("Recovered storage flow %s: %s", name, outcome)
         if not conf.ovirt_copy_offload:

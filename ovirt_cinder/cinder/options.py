@@ -61,6 +61,12 @@ OVIRT_OPTS = [
              "unique among the hosts sharing the pool.\n\n"
              "Related options: ovirt_lease_backend."),
     cfg.IntOpt(
+        "ovirt_io_timeout", default=10, min=1,
+        help="sanlock I/O timeout in seconds. Joining a domain takes "
+             "about 2 x this plus 1 s; a dead host's lease is free "
+             "again after about 8 x this plus 60 s.\n\n"
+             "Related options: ovirt_lease_backend."),
+    cfg.IntOpt(
         "ovirt_max_image_virtual_size_gb", default=1024, min=1,
         help="Largest virtual size, in GiB, of an image accepted by "
              "copy_image_to_volume. Larger images are refused before any "

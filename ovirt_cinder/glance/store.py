@@ -68,6 +68,7 @@ from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import image
 from ovirt_cinder.storage import inspect
+from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import pool as pool_mod
 
 __all__ = ["Store", "StoreLocation", "UnsafeImageRejected", "OPTIONS",
@@ -153,6 +154,42 @@ Possible values:
 
 Related options:
     * None
+"""),
+    cfg.StrOpt("ovirt_lease_backend", default="local",
+               choices=["local", "sanlock"],
+               help="""
+How metadata changes of the pool's domains are fenced.
+
+Use the same backend as every Cinder backend on the same pool: a flock
+(``local``) does not exclude a sanlock holder on another host.
+
+Possible values:
+    * local: flock on the domain's ``dom_md/ids`` (one host)
+    * sanlock: the domain's SDM lease (several hosts)
+
+Related options:
+    * ``ovirt_host_id``
+    * ``ovirt_io_timeout``
+"""),
+    cfg.IntOpt("ovirt_host_id", default=1, min=1, max=250,
+               help="""
+The sanlock host id of this glance-api host.
+
+Possible values:
+    * 1-250, unique among all hosts (Cinder's too) sharing the pool
+
+Related options:
+    * ``ovirt_lease_backend``
+"""),
+    cfg.IntOpt("ovirt_io_timeout", default=10, min=1,
+               help="""
+The sanlock I/O timeout in seconds.
+
+Possible values:
+    * A number of seconds; joining a domain takes about twice this
+
+Related options:
+    * ``ovirt_lease_backend``
 """),
 ]
 
@@ -279,8 +316,15 @@ class Store(driver.Store):
         if not opts.ovirt_domain_paths:
             self._bad_config("ovirt_domain_paths is not set")
         try:
-            return pool_mod.StoragePool.open(opts.ovirt_domain_paths,
-                                             pool_id=opts.ovirt_pool_uuid)
+            leases = lease.make_lease_manager(
+                opts.ovirt_lease_backend, host_id=opts.ovirt_host_id,
+                io_timeout=opts.ovirt_io_timeout)
+            pool = pool_mod.StoragePool.open(opts.ovirt_domain_paths,
+                                             pool_id=opts.ovirt_pool_uuid,
+                                             lease_manager=leases)
+            for dom in pool.domains.values():
+                leases.init_domain(dom)
+            return pool
         except (errors.StorageError, OSError) as e:
             self._bad_config(f"cannot open the pool: {e}")
 

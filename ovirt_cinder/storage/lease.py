@@ -65,6 +65,9 @@ class LeaseManager(abc.ABC):
     def domain_lease(self, domain) -> contextlib.AbstractContextManager:
         """Hold the domain's SDM lease (metadata changes)."""
 
+    def init_domain(self, domain) -> None:  # noqa: B027 -- optional hook
+        """Prepare a domain's lease areas (idempotent); local needs none."""
+
 
 class LocalLeaseManager(LeaseManager):
     """flock on ``dom_md/ids`` + an in-process lock: one host only."""

@@ -85,7 +85,9 @@ class StoragePool:
             mount, sd_id=sd_id or validate.new_uuid(), pool_id=pool_id,
             description=description, domain_type=domain_type,
             role=sc.DomainRole.MASTER)
-        return cls(pool_id, [master], **kwargs)
+        pool = cls(pool_id, [master], **kwargs)
+        pool.lease_manager.init_domain(master)
+        return pool
 
     def add_domain(self, mount: str, *, sd_id: str | None = None,
                    description: str = "",
@@ -94,6 +96,7 @@ class StoragePool:
         dom = sd.create_domain(
             mount, sd_id=sd_id or validate.new_uuid(), pool_id=self.pool_id,
             description=description, domain_type=domain_type)
+        self.lease_manager.init_domain(dom)
         self.domains[dom.sd_id] = dom
         return dom
 

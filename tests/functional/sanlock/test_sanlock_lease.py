@@ -309,3 +309,45 @@ def test_recover_after_takeover(sanlock_pool, lease_mgr, host2):
     qemuio.verify_pattern(leaf, "qcow2", MiB, MiB, 0x62)
     qemuio.verify_pattern(tree.snapshots()[snap1].path, "qcow2", 0, MiB,
                           0x61)
+
+
+def test_cinder_driver_with_sanlock(mount, mgr, tmp_path):
+    """cinder-volume configured with ovirt_lease_backend = sanlock."""
+    from cinder import objects
+    objects.register_all()
+    from cinder import context
+    from cinder.tests.unit import fake_volume
+    from cinder.volume import configuration
+    from oslo_config import cfg
+
+    from ovirt_cinder.cinder import driver as ovirt_driver
+
+    pool = StoragePool.create(mount)     # local leases: not formatted
+    conf = cfg.CONF
+    group = "ovirt_sanlock"
+    conf.register_group(cfg.OptGroup(group))
+    overrides = {"ovirt_domain_paths": [mount],
+                 "ovirt_lease_backend": "sanlock", "ovirt_host_id": 1,
+                 "ovirt_io_timeout": 1}
+    for name, value in overrides.items():
+        conf.set_override(name, value, group="backend_defaults")
+    try:
+        drv = ovirt_driver.OvirtVolumeDriver(
+            configuration=configuration.Configuration(
+                [], config_group=group), host=f"host@{group}")
+        drv.do_setup(None)
+        assert isinstance(drv.pool.lease_manager,
+                          sanlock_lease.SanlockLeaseManager)
+        vol = fake_volume.fake_volume_obj(
+            context.get_admin_context(), size=1, host=f"host@{group}#"
+            f"{pool.master.sd_id}")
+        drv.create_volume(vol)
+        # The driver formatted the domain's lockspace and holds it.
+        status = drv.pool.lease_manager.host_status(pool.master)
+        assert status.get(1) == "live"
+        leaf = drv.pool.leaf(pool.master.sd_id, vol.name_id)
+        assert leaf.meta.capacity == sc.GiB
+        drv.pool.lease_manager.close()
+    finally:
+        for name in overrides:
+            conf.clear_override(name, group="backend_defaults")

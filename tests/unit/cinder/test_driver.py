@@ -19,6 +19,7 @@ from ovirt_cinder import opts
 from ovirt_cinder.cinder import driver as ovirt_driver
 from ovirt_cinder.cinder import options
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
 from tests import qemuio
 
@@ -79,8 +80,8 @@ def test_options_in_backend_defaults(drv, config):
     names = {o.name for o in drv.get_driver_options()}
     assert {"ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_volume_format",
             "ovirt_volume_allocation", "ovirt_lease_backend",
-            "ovirt_host_id", "ovirt_max_image_virtual_size_gb",
-            "ovirt_copy_offload"} == names
+            "ovirt_host_id", "ovirt_io_timeout",
+            "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
     assert config.ovirt_volume_format == "raw"
@@ -91,12 +92,36 @@ def test_list_opts():
     assert groups["backend_defaults"] == options.OVIRT_OPTS
 
 
-def test_sanlock_refused(config):
-    cfg.CONF.set_override("ovirt_lease_backend", "sanlock",
-                          group="backend_defaults")
+class RecordingLeases(lease.LocalLeaseManager):
+    """Local leases that remember which domains were initialised."""
+
+    def __init__(self):
+        super().__init__()
+        self.initialised = []
+
+    def init_domain(self, domain):
+        self.initialised.append(domain.sd_id)
+
+
+def test_lease_backend_from_config(config, storage, monkeypatch):
+    # The sanlock daemon is a process boundary: the real one is used by
+    # tests/functional/sanlock; here only the configuration is checked.
+    calls = []
+    leases = RecordingLeases()
+
+    def make(backend, host_id, io_timeout):
+        calls.append((backend, host_id, io_timeout))
+        return leases
+
+    monkeypatch.setattr(lease, "make_lease_manager", make)
+    for name, value in [("ovirt_lease_backend", "sanlock"),
+                        ("ovirt_host_id", 7), ("ovirt_io_timeout", 3)]:
+        cfg.CONF.set_override(name, value, group="backend_defaults")
     d = ovirt_driver.OvirtVolumeDriver(configuration=config)
-    with pytest.raises(exception.VolumeDriverException):
-        d.do_setup(None)
+    d.do_setup(None)
+    assert calls == [("sanlock", 7, 3)]
+    assert d.pool.lease_manager is leases
+    assert sorted(leases.initialised) == sorted(storage.domains)
 
 
 # Create, delete

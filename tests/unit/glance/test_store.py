@@ -92,7 +92,8 @@ class OvirtStoreTest(base.MultiStoreBaseTest):
         names = [o.name for o in groups["ovirt"]]
         self.assertEqual(["ovirt_pool_uuid", "ovirt_domain_paths",
                           "ovirt_store_domain", "ovirt_max_image_size",
-                          "ovirt_chunk_size"], names)
+                          "ovirt_chunk_size", "ovirt_lease_backend",
+                          "ovirt_host_id", "ovirt_io_timeout"], names)
         for opt in groups["ovirt"]:
             self.assertIn("Possible values", opt.help)
             self.assertIn("Related options", opt.help)
