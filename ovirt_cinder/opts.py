@@ -22,6 +22,13 @@ def _cinder_opts() -> list[tuple[str, list[cfg.Opt]]]:
     return options.list_opts()
 
 
+def _glance_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    # The store's options belong to a glance_store backend section;
+    # Glance's own generator finds them through glance_store.drivers.
+    from ovirt_cinder.glance import store
+    return store.list_opts()
+
+
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every option of ovirt_cinder, as (group, options) pairs."""
-    return [*_cinder_opts()]
+    return [*_cinder_opts(), *_glance_opts()]

@@ -1,0 +1,67 @@
+# Developer entry points. `make demo` and `make test` work on a fresh
+# Debian 12 machine as root with only python3, git and make installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+STAMPS := .stamps
+
+VPY := $(VENV)/bin/python
+RUFF := $(VENV)/bin/ruff
+LINT_PATHS := $(wildcard ovirt_cinder tests bench)
+
+# Test tiers; slower tiers append their directories here.
+TEST_PATHS := tests/unit tests/functional
+PYTEST := $(VPY) -m pytest -q
+
+BENCH_ARGS ?=
+
+# Debian's sanlock binding: there is none on PyPI.
+SANLOCK_SO := /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
+
+.PHONY: all deps venv test lint demo bench docs releasenotes clean
+
+all: test
+
+deps: $(STAMPS)/deps
+
+venv: $(VENV)/.installed
+
+$(STAMPS)/deps: tools/install-system-deps.sh bindep.txt
+	tools/install-system-deps.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+# The stamp lives in the venv, so removing .venv rebuilds it.
+$(VENV)/.installed: requirements.txt test-requirements.txt setup.cfg | $(STAMPS)/deps
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt -r test-requirements.txt -e .
+	$(VPY) -c 'import sanlock' 2>/dev/null || \
+		cp $(SANLOCK_SO) "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_path("platlib"))')"
+	$(VPY) -c 'import sanlock'
+	touch $@
+
+lint: venv
+	$(RUFF) check $(LINT_PATHS)
+
+test: deps venv lint
+	$(PYTEST) $(TEST_PATHS)
+
+demo: deps venv
+	$(VPY) -m ovirt_cinder.demo
+
+bench: deps venv
+	$(VPY) bench/engine.py $(BENCH_ARGS)
+
+docs: venv
+	$(VPY) -m pip install -q -r doc/requirements.txt
+	$(VPY) -m sphinx -W -b html doc/source doc/build/html
+
+releasenotes: venv
+	$(VPY) -m pip install -q -r doc/requirements.txt
+	$(VPY) -m sphinx -W -b html releasenotes/source releasenotes/build/html
+
+clean:
+	rm -rf --one-file-system $(VENV) $(STAMPS) .demo .bench build dist \
+		*.egg-info .pytest_cache .ruff_cache doc/build releasenotes/build \
+		AUTHORS ChangeLog
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

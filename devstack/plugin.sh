@@ -1,0 +1,94 @@
+#!/bin/bash
+# devstack plugin for ovirt-cinder.
+#
+#   enable_plugin ovirt-cinder <repository URL>
+#
+# Installs the package and qemu-img. With OVIRT_CINDER_ENABLE_BACKEND=True it
+# also creates the storage pool (OVIRT_CINDER_POOL_UUID) with a domain in
+# each of OVIRT_CINDER_DOMAIN_PATHS, adds a Cinder backend section
+# (OVIRT_CINDER_BACKEND_NAME, ovirt1 by default) using the ovirt-cinder
+# volume driver, appends it to enabled_backends, and creates a volume type
+# of the same name.
+
+_XTRACE_OVIRT_CINDER=$(set +o | grep xtrace)
+set -o xtrace
+
+function install_ovirt_cinder {
+    install_package qemu-utils qemu-block-extra
+    setup_develop "$OVIRT_CINDER_DIR"
+}
+
+# Create the pool (its master domain in the first path) and a domain in
+# each other path, unless they exist already.
+function init_ovirt_cinder_pool {
+    local path
+    local paths=(${OVIRT_CINDER_DOMAIN_PATHS//,/ })
+    for path in "${paths[@]}"; do
+        sudo install -d -o "$STACK_USER" "$path"
+    done
+    "$PYTHON" - "$OVIRT_CINDER_POOL_UUID" "${paths[@]}" <<'PYTHON'
+import sys
+
+from ovirt_cinder.storage import sd
+from ovirt_cinder.storage.pool import StoragePool
+
+pool_id, paths = sys.argv[1], sys.argv[2:]
+ours = {p: [d for d in sd.find_domains(p) if d.pool_id == pool_id]
+        for p in paths}
+if any(ours.values()):
+    pool = StoragePool.open(paths, pool_id)
+else:
+    pool = StoragePool.create(paths[0], pool_id=pool_id)
+    ours[paths[0]] = [pool.master]
+for path in paths:
+    if not ours[path]:
+        pool.add_domain(path)
+PYTHON
+}
+
+function configure_ovirt_cinder_backend {
+    local name=$OVIRT_CINDER_BACKEND_NAME
+
+    iniset "$CINDER_CONF" "$name" volume_driver \
+        ovirt_cinder.cinder.driver.OvirtVolumeDriver
+    iniset "$CINDER_CONF" "$name" volume_backend_name "$name"
+    iniset "$CINDER_CONF" "$name" ovirt_pool_uuid "$OVIRT_CINDER_POOL_UUID"
+    iniset "$CINDER_CONF" "$name" ovirt_domain_paths \
+        "$OVIRT_CINDER_DOMAIN_PATHS"
+
+    local enabled
+    enabled=$(iniget "$CINDER_CONF" DEFAULT enabled_backends)
+    if [[ ",$enabled," != *",$name,"* ]]; then
+        iniset "$CINDER_CONF" DEFAULT enabled_backends \
+            "${enabled:+$enabled,}$name"
+    fi
+}
+
+function create_ovirt_cinder_volume_type {
+    local name=$OVIRT_CINDER_BACKEND_NAME
+    local os=(openstack --os-cloud devstack-admin
+              --os-region-name "$REGION_NAME")
+    if ! "${os[@]}" volume type show "$name" >/dev/null 2>&1; then
+        "${os[@]}" volume type create \
+            --property "volume_backend_name=$name" "$name"
+    fi
+}
+
+if [[ "$1" == "stack" && "$2" == "install" ]]; then
+    echo_summary "Installing ovirt-cinder"
+    install_ovirt_cinder
+elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
+    if [[ "$OVIRT_CINDER_ENABLE_BACKEND" == "True" ]] \
+            && is_service_enabled cinder; then
+        echo_summary "Configuring the ovirt-cinder backend"
+        init_ovirt_cinder_pool
+        configure_ovirt_cinder_backend
+    fi
+elif [[ "$1" == "stack" && "$2" == "extra" ]]; then
+    if [[ "$OVIRT_CINDER_ENABLE_BACKEND" == "True" ]] \
+            && is_service_enabled cinder; then
+        create_ovirt_cinder_volume_type
+    fi
+fi
+
+$_XTRACE_OVIRT_CINDER
