@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import re
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -103,7 +102,6 @@ _LEASE_INTS = (
     "lease_retries",
 )
 _V5_ONLY = ("block_size", "alignment")
-_DECIMAL = re.compile(r"[0-9]+")
 
 
 def checksum(lines: Iterable[str]) -> str:
@@ -277,38 +275,20 @@ def _field_value(md: Mapping[str, str], name: str, path: str) -> Any:
         raise errors.MetadataError(
             path=path, reason=f"required key {key} is missing")
     if name == "version" or name in _V5_ONLY:
-        return _parse_int(raw, key, path)
+        return validate.parse_int(raw, key, path)
     if name in _LEASE_INTS:
-        return _parse_int(raw, key, path) if raw else _default(name)
+        return validate.parse_int(raw, key, path) if raw else _default(name)
     if name == "type":
-        return _parse_enum(raw.upper(), key, path, DomainType)
+        return validate.parse_enum(raw.upper(), key, path, DomainType)
     if name == "cls":
-        return _parse_enum(raw, key, path, DomainClass)
+        return validate.parse_enum(raw, key, path, DomainClass)
     if name == "role":
-        return _parse_enum(raw.capitalize(), key, path, DomainRole)
+        return validate.parse_enum(raw.capitalize(), key, path, DomainRole)
     return raw
 
 
 def _default(name: str) -> Any:
     return DomainMetadata.__dataclass_fields__[name].default
-
-
-def _parse_int(raw: str, key: str, path: str) -> int:
-    if not _DECIMAL.fullmatch(raw):
-        raise errors.MetadataError(
-            path=path, reason=f"invalid {key} value {raw!r}: not an integer")
-    return int(raw)
-
-
-def _parse_enum(raw: str, key: str, path: str,
-                enum_type: type[enum.StrEnum]) -> enum.StrEnum:
-    try:
-        return enum_type(raw)
-    except ValueError:
-        raise errors.MetadataError(
-            path=path,
-            reason=f"invalid {key} value {raw!r}: expected one of "
-                   f"{', '.join(enum_type)}") from None
 
 
 def _set_enum(md: DomainMetadata, name: str,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +94,6 @@ _INTS = {
     "generation": (0, sc.MAX_GENERATION),
     "sequence": (0, MAX_SEQUENCE),
 }
-_DECIMAL = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ class VolumeMetadata:
         if _CLEARED in md:
             raise errors.MetadataError(path=path, reason="metadata cleared")
         if _KEYS["capacity"] not in md and _V4_SIZE in md:
-            blocks = _parse_int(md[_V4_SIZE], _V4_SIZE, path)
+            blocks = validate.parse_int(md[_V4_SIZE], _V4_SIZE, path)
             md[_KEYS["capacity"]] = str(blocks * sc.BLOCK_SIZE_512)
         values = {name: _field_value(md, name, path) for name in _KEYS}
         try:
@@ -201,28 +199,10 @@ def _field_value(md: Mapping[str, str], name: str, path: str) -> Any:
         raise errors.MetadataError(
             path=path, reason=f"required key {key} is missing")
     if name in _INTS:
-        return _parse_int(raw, key, path)
+        return validate.parse_int(raw, key, path)
     if name in _ENUMS:
-        return _parse_enum(raw, key, path, _ENUMS[name])
+        return validate.parse_enum(raw, key, path, _ENUMS[name])
     return raw
-
-
-def _parse_int(raw: str, key: str, path: str) -> int:
-    if not _DECIMAL.fullmatch(raw):
-        raise errors.MetadataError(
-            path=path, reason=f"invalid {key} value {raw!r}: not an integer")
-    return int(raw)
-
-
-def _parse_enum(raw: str, key: str, path: str,
-                enum_type: type[enum.StrEnum]) -> enum.StrEnum:
-    try:
-        return enum_type(raw)
-    except ValueError:
-        raise errors.MetadataError(
-            path=path,
-            reason=f"invalid {key} value {raw!r}: expected one of "
-                   f"{', '.join(enum_type)}") from None
 
 
 def _to_enum(md: VolumeMetadata, name: str,
