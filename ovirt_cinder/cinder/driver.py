@@ -16,8 +16,11 @@ Attach (``initialize_connection``):
 * Local and POSIX domains: ``driver_volume_type: local`` with
   ``device_path``, usable by Cinder's host-side copy code on this host. Its
   ``dd`` copies bytes, so this works only while the image is one RAW
-  volume; a qcow2 volume or a chain is refused with a clear error (a Nova
-  host elsewhere cannot attach these until the iSCSI export exists).
+  volume. A qcow2 volume or a chain is attached this way only while it
+  is the source of a host-assisted migration: the path is then a raw copy
+  of its guest view (:mod:`ovirt_cinder.cinder.migration`), removed by
+  ``terminate_connection``; otherwise it is refused with a clear error (a
+  Nova host elsewhere cannot attach these until the iSCSI export exists).
 
 Image transfer never goes through an attachment: ``copy_image_to_volume``
 downloads to ``image_conversion_dir``, inspects the untrusted bytes
@@ -43,6 +46,7 @@ from cinder.volume import volume_utils
 from oslo_config import cfg
 
 from ovirt_cinder.cinder import manageable
+from ovirt_cinder.cinder import migration
 from ovirt_cinder.cinder import options
 from ovirt_cinder.cinder.translate import engine_errors
 from ovirt_cinder.storage import constants as sc
@@ -276,17 +280,31 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             return {"driver_volume_type": "nfs", "data": {
                 "export": dom.metadata.remote_path, "name": name,
                 "format": leaf.qemu_format}}
+        path = leaf.path
         if len(chain) != 1 or leaf.meta.format != sc.VolumeFormat.RAW:
+            path = self._raw_view(volume, sd_id, chain)
+        return {"driver_volume_type": "local",
+                "data": {"device_path": path}}
+
+    def _raw_view(self, volume: Any, sd_id: str, chain: list) -> str:
+        """A raw copy of a migrating qcow2 volume or chain, else refused
+        (see :mod:`ovirt_cinder.cinder.migration`)."""
+        if volume.migration_status != migration.MIGRATING:
+            leaf = chain[-1]
             raise exception.VolumeBackendAPIException(
                 data=f"volume {volume.id} is a {leaf.qemu_format} chain of "
                      f"{len(chain)}; a local attachment needs one raw "
                      "volume (use the NFS export or wait for iSCSI)")
-        return {"driver_volume_type": "local",
-                "data": {"device_path": leaf.path}}
+        path = migration.raw_view_path(CONF.image_conversion_dir, volume.id)
+        with engine_errors(volume_id=volume.id):
+            return migration.open_raw_view(self._pool, sd_id,
+                                           volume.name_id, path)
 
     def terminate_connection(self, volume: Any, connector: Any,
                              **kwargs: Any) -> None:
-        pass
+        if migration.close_raw_view(migration.raw_view_path(
+                CONF.image_conversion_dir, volume.id)):
+            LOG.info("Removed the raw view of volume %s", volume.id)
 
     def create_export(self, context: Any, volume: Any,
                       connector: Any) -> None:
