@@ -184,11 +184,20 @@ def test_volume_lease(shared_pool, mgr):
 
 
 def test_uninitialised_domain(mount, mgr):
-    pool = StoragePool.create(mount, lease_manager=mgr)
+    # Made with local leases; opened with sanlock without init_domain.
+    StoragePool.create(mount)
+    pool = StoragePool.open([mount], lease_manager=mgr)
     with pytest.raises(sanlockd.LeaseCorrupt) as e:
         pool.create_volume(pool.master.sd_id, str(uuid.uuid4()), MiB)
     assert e.value.rc == -223
     assert "not initialised or corrupt" in str(e.value)
+
+
+def test_pool_formats_the_domains_it_creates(mount, mount2, mgr):
+    pool = StoragePool.create(mount, lease_manager=mgr)
+    dom2 = pool.add_domain(mount2)
+    for dom in (pool.master, dom2):
+        pool.create_volume(dom.sd_id, str(uuid.uuid4()), MiB)
 
 
 def test_garbage_ids(mount, mgr):
