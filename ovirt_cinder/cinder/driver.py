@@ -115,9 +115,10 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             leases = lease.make_lease_manager(
                 conf.ovirt_lease_backend, host_id=conf.ovirt_host_id,
                 io_timeout=conf.ovirt_io_timeout)
-            self.pool = StoragePool.open(conf.ovirt_domain_paths,
-                                         pool_id=conf.ovirt_pool_uuid or None,
-                                         lease_manager=leases)
+            self.pool = StoragePool.open(
+                conf.ovirt_domain_paths,
+                pool_id=conf.ovirt_pool_uuid or None, lease_manager=leases,
+                flow_connection=conf.ovirt_flow_connection or None)
             for dom in self.pool.domains.values():
                 leases.init_domain(dom)
             for name, outcome in self.pool.recover():

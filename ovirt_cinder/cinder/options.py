@@ -60,6 +60,15 @@ OVIRT_OPTS = [
         help="The sanlock host id of this cinder-volume host (1-250), "
              "unique among the hosts sharing the pool.\n\n"
              "Related options: ovirt_lease_backend."),
+    cfg.StrOpt(
+        "ovirt_flow_connection", default="",
+        help="Where unfinished storage operations are recorded so they "
+             "can be finished or reverted after a crash.\n\n"
+             "Possible values: empty (a directory in the master domain, "
+             "master/tasks), or an SQLAlchemy URL such as "
+             "mysql+pymysql://user:pass@host/ovirt_flows.\n\n"
+             "Related options: ovirt_domain_paths. Every service sharing "
+             "the pool (Cinder and Glance) must use the same value."),
     cfg.IntOpt(
         "ovirt_io_timeout", default=10, min=1,
         help="sanlock I/O timeout in seconds. Joining a domain takes "

@@ -181,6 +181,18 @@ Possible values:
 Related options:
     * ``ovirt_lease_backend``
 """),
+    cfg.StrOpt("ovirt_flow_connection", default="",
+               help="""
+Where unfinished storage operations are recorded, to be finished or
+reverted after a crash.
+
+Possible values:
+    * Empty: a directory in the pool's master domain (``master/tasks``)
+    * An SQLAlchemy URL, e.g. ``mysql+pymysql://user:pass@host/flows``
+
+Related options:
+    * Use the same value as every Cinder backend on the same pool
+"""),
     cfg.IntOpt("ovirt_io_timeout", default=10, min=1,
                help="""
 The sanlock I/O timeout in seconds.
@@ -319,9 +331,10 @@ class Store(driver.Store):
             leases = lease.make_lease_manager(
                 opts.ovirt_lease_backend, host_id=opts.ovirt_host_id,
                 io_timeout=opts.ovirt_io_timeout)
-            pool = pool_mod.StoragePool.open(opts.ovirt_domain_paths,
-                                             pool_id=opts.ovirt_pool_uuid,
-                                             lease_manager=leases)
+            pool = pool_mod.StoragePool.open(
+                opts.ovirt_domain_paths, pool_id=opts.ovirt_pool_uuid,
+                lease_manager=leases,
+                flow_connection=opts.ovirt_flow_connection or None)
             for dom in pool.domains.values():
                 leases.init_domain(dom)
             return pool

@@ -80,7 +80,7 @@ def test_options_in_backend_defaults(drv, config):
     names = {o.name for o in drv.get_driver_options()}
     assert {"ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_volume_format",
             "ovirt_volume_allocation", "ovirt_lease_backend",
-            "ovirt_host_id", "ovirt_io_timeout",
+            "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
             "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
@@ -456,3 +456,14 @@ def test_retype_format_change_needs_migration(drv, ctx, sd2, created):
     diff = {"extra_specs": {"ovirt:volume_format": ("raw", "qcow2")}}
     host = {"host": f"host@ovirt1#{sd2}", "capabilities": {}}
     assert drv.retype(ctx, created, None, diff, host) == (False, None)
+
+
+def test_flow_logbook_in_a_database(config, storage, tmp_path):
+    url = f"sqlite:///{tmp_path}/flows.sqlite"
+    cfg.CONF.set_override("ovirt_flow_connection", url,
+                          group="backend_defaults")
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    d.do_setup(None)
+    assert d.pool.runner.backend.__class__.__name__ == "SQLAlchemyBackend"
+    assert os.path.exists(tmp_path / "flows.sqlite")
+    assert not os.listdir(os.path.join(storage.master.master_dir))

@@ -93,7 +93,8 @@ class OvirtStoreTest(base.MultiStoreBaseTest):
         self.assertEqual(["ovirt_pool_uuid", "ovirt_domain_paths",
                           "ovirt_store_domain", "ovirt_max_image_size",
                           "ovirt_chunk_size", "ovirt_lease_backend",
-                          "ovirt_host_id", "ovirt_io_timeout"], names)
+                          "ovirt_host_id", "ovirt_flow_connection",
+                          "ovirt_io_timeout"], names)
         for opt in groups["ovirt"]:
             self.assertIn("Possible values", opt.help)
             self.assertIn("Related options", opt.help)
