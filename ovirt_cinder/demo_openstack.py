@@ -21,10 +21,8 @@ and os-brick run in-process, as in the functional tests.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import os
-import sys
 import tempfile
 import uuid
 from typing import Any
@@ -49,7 +47,7 @@ GiB, MiB = sc.GiB, sc.MiB
 GLANCE_BACKEND = "demo"
 CINDER_BACKEND = "ovirt_demo"
 HOST = f"demo-host@{CINDER_BACKEND}"
-ENTRY_POINT = "ovirt = ovirt_cinder.glance.store:Store"
+STORE_CLASS = "ovirt_cinder.glance.store:Store"
 
 # What the Glance section leaves for the Cinder section.
 _shared: dict[str, str] = {}
@@ -59,22 +57,14 @@ def _mounts(pool: StoragePool) -> list[str]:
     return sorted({d.mount for d in pool.domains.values()})
 
 
-def _ensure_entry_point(directory: str) -> str:
-    """Make ``glance_store.drivers: ovirt`` visible; say where it is."""
+def _check_entry_point() -> str:
+    """glance_store finds drivers by entry point: the package's own."""
     found = importlib.metadata.entry_points(group="glance_store.drivers",
                                             name="ovirt")
-    if any(ep.value == "ovirt_cinder.glance.store:Store" for ep in found):
-        return "installed package"
-    dist = os.path.join(directory, "ovirt_cinder_demo_ep-0.0.dist-info")
-    os.makedirs(dist, exist_ok=True)
-    with open(os.path.join(dist, "METADATA"), "w") as f:
-        f.write("Metadata-Version: 2.1\nName: ovirt-cinder-demo-ep\n"
-                "Version: 0.0\n")
-    with open(os.path.join(dist, "entry_points.txt"), "w") as f:
-        f.write(f"[glance_store.drivers]\n{ENTRY_POINT}\n")
-    sys.path.insert(0, directory)
-    importlib.invalidate_caches()
-    return f"temporary dist-info in {directory} (not installed)"
+    if not any(ep.value == STORE_CLASS for ep in found):
+        raise SystemExit("the glance_store.drivers entry point 'ovirt' is "
+                         "not installed: run 'make venv' (pip install -e .)")
+    return STORE_CLASS
 
 
 def _glance_conf(pool: StoragePool) -> Any:
@@ -108,7 +98,7 @@ def glance_section(walk: demo.Walk, pool: StoragePool, tmpl: str) -> None:
     root = tempfile.mkdtemp(prefix="glance-")
     with walk.step("configure glance_store: enabled_backends = "
                    f"{GLANCE_BACKEND}:ovirt") as notes:
-        notes.append(f"entry point: {_ensure_entry_point(root)}")
+        notes.append(f"entry point: ovirt = {_check_entry_point()}")
         conf = _glance_conf(pool)
         store = location.SCHEME_TO_CLS_BACKEND_MAP["ovirt"][
             GLANCE_BACKEND]["store"]

@@ -270,8 +270,8 @@ def thin_clone(sd_path: str, tmpl_img_id: str, tmpl_vol_id: str,
     ])
 
 
-def extend(sd_path: str, img_id: str, vol_id: str, size: int,
-           old_size: int) -> linear_flow.Flow:
+def extend(sd_path: str, img_id: str, vol_id: str,
+           size: int) -> linear_flow.Flow:
     return _flow("extend", [
         Step("update_volume", name="invalidate", sd_path=sd_path,
              img_id=img_id, vol_id=vol_id,

@@ -399,8 +399,7 @@ class StoragePool:
                 f"the current size {leaf.meta.capacity}")
         if size > leaf.meta.capacity:
             self._run(flows.extend, [dom], sd_path=dom.path, img_id=img_id,
-                      vol_id=leaf.vol_id, size=_check_size(size),
-                      old_size=leaf.meta.capacity)
+                      vol_id=leaf.vol_id, size=_check_size(size))
         return self.leaf(sd_id, img_id)
 
     def delete_image(self, sd_id: str, img_id: str) -> bool:
