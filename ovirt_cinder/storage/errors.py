@@ -148,3 +148,78 @@ class ImageTooLarge(UnsafeImage):
 
 class FormatMismatch(UnsafeImage):
     msg = "Image {path} declared as {declared} but is {actual}"
+
+
+class StalePlan(ImageIsBusy):
+    """Another host changed the image between planning and doing."""
+
+    msg = ("Image {img_id} changed while the operation was planned: "
+           "volume {vol_id} {reason}; retry the operation")
+
+
+class OperationIncomplete(StorageError):
+    """A flow failed after its point of no return; recovery finishes it."""
+
+    msg = ("{operation} failed after its point of no return and was not "
+           "undone (nothing was lost): {reason}; it is finished by "
+           "`ovirt-storage recover` or the next service start")
+
+
+class UntrustedFlow(StorageError):
+    """A logbook that recovery refuses to run."""
+
+    msg = "Unfinished flow {book_id} is not run: {reason}"
+
+
+class QemuImgTimeout(QemuImgError):
+    """qemu-img ran out of time and was killed.
+
+    ``timeout`` is the bound that expired: a wall-clock bound for quick
+    commands, a bound on the time without progress (``stalled``) for data
+    commands. ``rc`` is the exit status after the kill (None if the child
+    could not be reaped), ``out`` and ``err`` what it wrote until then.
+    """
+
+    msg = "qemu-img {cmd} timed out after {timeout} seconds: {reason}"
+
+
+class Qcow2HeaderError(StorageError):
+    """A file is not a readable qcow2 image (bad magic, truncated...)."""
+
+    msg = "Invalid qcow2 header in {path}: {reason}"
+
+
+class MissingData(ChainError):
+    msg = ("Volume {vol_id} of image {img_id} in domain {sd_id} has no data "
+           "file {path}")
+
+
+class BackingMismatch(ChainError):
+    msg = ("Volume {vol_id} of image {img_id} has backing file {backing!r}, "
+           "but its parent is {parent_id!r}")
+
+
+class BackingFormatMismatch(ChainError):
+    msg = ("Volume {vol_id} of image {img_id} names backing format "
+           "{backing_format!r}, but its parent {parent_id} is "
+           "{parent_format!r}")
+
+
+class FormatMismatchInChain(ChainError):
+    msg = ("Volume {vol_id} of image {img_id} is declared {expected} but "
+           "its data file is {actual}")
+
+
+class ExternalDataFile(ChainError):
+    msg = ("Volume {vol_id} of image {img_id} uses an external data file "
+           "{data_file!r}")
+
+
+class BadVolumeData(ChainError):
+    msg = "Volume {vol_id} of image {img_id} has unusable data: {reason}"
+
+
+class NotQcow2(Qcow2HeaderError):
+    """The file does not start with the qcow2 magic."""
+
+    msg = "{path} is not a qcow2 image: {reason}"

@@ -8,16 +8,35 @@ Exactly one LEGAL volume is the LEAF: the active layer.
 A volume whose metadata names another image is a template shared into
 this directory by hard links; it must be SHARED. Walking a chain checks
 for loops, missing parents and non-shared foreign parents.
+
+:meth:`ImageTree.validate` and :meth:`ImageTree.problems` also check each
+volume's data against its metadata, reading only the first bytes of the
+data file (:mod:`qcow2`, never qemu-img):
+
+- the data file exists (:class:`errors.MissingData`) and is a regular
+  file or block device with a valid header (:class:`errors.BadVolumeData`);
+- a COW volume is a qcow2 file (:class:`errors.FormatMismatchInChain`).
+  A RAW volume's bytes are the guest's and are never interpreted: a guest
+  that writes a qcow2 header into its raw disk must not lock itself out,
+  and the engine never lets qemu-img probe a format;
+- a qcow2 backing file is exactly the parent's volume id, a bare name in
+  the image directory, and there is none without a parent; a RAW volume
+  has no parent (:class:`errors.BackingMismatch`);
+- a backing format, when the header records one, is the parent's format
+  (:class:`errors.BackingFormatMismatch`);
+- no external data file (:class:`errors.ExternalDataFile`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import qcow2
 from ovirt_cinder.storage import volmeta
 
 __all__ = ["Volume", "ImageTree", "load"]
@@ -140,6 +159,122 @@ class ImageTree:
             vol = parent
         chain.reverse()
         return chain
+
+    def validate(self, vol_id: str | None = None) -> None:
+        """Raise the first problem of the chain ending at ``vol_id``.
+
+        ``vol_id`` defaults to the legal leaf, or the SHARED volume of a
+        template image. The chain's metadata is checked first (as
+        :meth:`chain` does), then each volume's data, base first (see the
+        module docstring). Costs one small read per volume.
+        """
+        if vol_id is None:
+            template = self.template()
+            vol_id = (template or self.leaf()).vol_id
+        for vol in self.chain(vol_id):
+            problem = self._data_problem(vol)
+            if problem is not None:
+                raise problem
+
+    def problems(self) -> list[errors.StorageError]:
+        """Every problem of the image, each once (empty when healthy).
+
+        What :meth:`check` finds, without repeating one broken link for
+        every volume above it, plus the data checks of :meth:`validate`
+        for every volume of the directory.
+        """
+        found: list[errors.StorageError] = []
+        seen: set[tuple[type, str]] = set()
+
+        def add(problem: errors.StorageError | None) -> None:
+            if problem is not None:
+                key = (type(problem), str(problem))
+                if key not in seen:
+                    seen.add(key)
+                    found.append(problem)
+
+        for vol_id in sorted(self.volumes):
+            add(self._link_problem(self.volumes[vol_id]))
+        for loop in self._loops():
+            add(errors.ChainLoop(img_id=self.img_id, vol_id=min(loop)))
+        if self.template() is None:
+            try:
+                self.leaf()
+            except errors.ChainError as e:
+                add(e)
+        for vol_id in sorted(self.volumes):
+            add(self._data_problem(self.volumes[vol_id]))
+        return found
+
+    def _link_problem(self, vol: Volume) -> errors.ChainError | None:
+        """What is wrong with the link from ``vol`` to its parent."""
+        parent_id = vol.parent
+        if parent_id is None:
+            return None
+        parent = self.volumes.get(parent_id)
+        if parent is None:
+            return errors.MissingParent(img_id=self.img_id,
+                                        vol_id=vol.vol_id,
+                                        parent_id=parent_id)
+        if (parent.meta.image != self.img_id
+                and parent.meta.voltype != sc.VolumeType.SHARED):
+            return errors.ParentNotShared(
+                img_id=self.img_id, vol_id=vol.vol_id, parent_id=parent_id,
+                parent_img_id=parent.meta.image)
+        return None
+
+    def _loops(self) -> list[frozenset[str]]:
+        """The parent loops of the tree, each as the set of its volumes."""
+        loops: list[frozenset[str]] = []
+        done: set[str] = set()
+        for start in sorted(self.volumes):
+            path: list[str] = []
+            vol_id: str | None = start
+            while vol_id in self.volumes and vol_id not in done:
+                if vol_id in path:
+                    loops.append(frozenset(path[path.index(vol_id):]))
+                    break
+                path.append(vol_id)
+                vol_id = self.volumes[vol_id].parent
+            done.update(path)
+        return loops
+
+    def _data_problem(self, vol: Volume) -> errors.ChainError | None:
+        """What is wrong with the data file of ``vol`` (one read)."""
+        ids = {"img_id": self.img_id, "vol_id": vol.vol_id}
+        try:
+            if vol.meta.format == sc.VolumeFormat.RAW:
+                os.stat(vol.path)
+                if vol.parent is not None:
+                    return errors.BackingMismatch(
+                        backing=None, parent_id=vol.parent, **ids)
+                return None
+            header = qcow2.read_header(vol.path)
+        except FileNotFoundError:
+            return errors.MissingData(sd_id=self.sd_id, path=vol.path,
+                                      **ids)
+        except errors.NotQcow2:
+            return errors.FormatMismatchInChain(
+                expected="qcow2", actual="raw", **ids)
+        except errors.Qcow2HeaderError as e:
+            return errors.BadVolumeData(reason=e.reason, **ids)
+        except OSError as e:
+            return errors.BadVolumeData(
+                reason=f"cannot read {vol.path}: {e.strerror}", **ids)
+        if header.has_data_file:
+            return errors.ExternalDataFile(data_file=header.data_file,
+                                           **ids)
+        if header.backing_file != vol.parent:
+            return errors.BackingMismatch(
+                backing=header.backing_file, parent_id=vol.parent, **ids)
+        parent = self.volumes.get(vol.parent) if vol.parent else None
+        if (parent is not None and header.backing_format is not None
+                and header.backing_format != parent.qemu_format):
+            return errors.BackingFormatMismatch(
+                backing_format=header.backing_format,
+                parent_id=parent.vol_id, parent_format=parent.qemu_format,
+                **ids)
+        return None
 
     def check(self) -> list[errors.StorageError]:
         """Every structural problem of the image (empty when healthy)."""

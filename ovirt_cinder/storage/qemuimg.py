@@ -34,15 +34,35 @@ Behaviour worth knowing (qemu-img 7.2):
 - ``check`` exit codes: 0 clean, 2 corruptions, 3 leaks (results, never
   raised), 63 the format has no checks (an ``ok`` result with zeros), 1 and
   anything else (check not completed, cannot open) raise QemuImgError.
+
+Every command runs under a bound, so a hung qemu-img (a dead NFS server,
+a FIFO where an image should be) never blocks its caller, and the lease
+it holds, forever:
+
+- quick commands (``info``, ``create``, ``resize``, ``rebase`` with
+  ``unsafe``, ``check``, ``measure``, ``map``) get a wall-clock
+  ``timeout``, :data:`QUICK_TIMEOUT` seconds (120) unless given;
+- data commands (``convert``, ``commit``, safe ``rebase``) may take hours
+  and get a ``stall_timeout`` instead, :data:`STALL_TIMEOUT` seconds (600)
+  unless given: they always run with ``-p`` and are killed once neither
+  their progress nor their I/O counters have moved for that long.
+
+:func:`set_timeouts` changes both defaults for the whole process. On
+expiry the child gets SIGKILL and is reaped, then
+:class:`errors.QemuImgTimeout` (a QemuImgError) is raised with ``cmd``,
+``timeout``, ``reason``, ``stalled``, ``rc``, ``out``, ``err``, ``argv``
+and ``pid``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +86,7 @@ __all__ = [
     "measure",
     "rebase",
     "resize",
+    "set_timeouts",
 ]
 
 QEMU_IMG = "qemu-img"
@@ -78,9 +99,23 @@ CHECK_CORRUPTIONS = 2
 CHECK_LEAKS = 3
 CHECK_NOT_SUPPORTED = 63
 
+# Default bounds (seconds), changed by set_timeouts(): the run time of
+# a quick command, the time without progress of a data command.
+QUICK_TIMEOUT = 120.0
+STALL_TIMEOUT = 600.0
+# How often a running command's progress is read and its bound checked,
+# and the longest sleep between two looks at the child.
+POLL_INTERVAL = 0.2
+MAX_POLL_DELAY = 0.005
+# How long to wait for a killed child to go.
+KILL_WAIT = 10.0
+
 Progress = Callable[[float], None]
 
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+_MAX_PENDING = 64
+_CHUNK = 65536
+_IO_KEYS = (b"rchar", b"wchar", b"syscr", b"syscw")
 
 
 @dataclass(frozen=True)
@@ -125,11 +160,20 @@ class Extent:
     depth: int
 
 
+def set_timeouts(quick: float, stall: float) -> None:
+    """Set the default bounds of every later call, in seconds (> 0)."""
+    global QUICK_TIMEOUT, STALL_TIMEOUT
+    quick = _timeout(quick, None, "quick")
+    stall = _timeout(stall, None, "stall")
+    QUICK_TIMEOUT, STALL_TIMEOUT = quick, stall
+
+
 # Subcommands.
 
 
 def info(path: str, fmt: str | None = None, *, untrusted: bool = False,
-         force_share: bool = True) -> ImageInfo:
+         force_share: bool = True,
+         timeout: float | None = None) -> ImageInfo:
     """Return ``qemu-img info`` of one image (never its backing chain)."""
     if untrusted and fmt is None:
         raise ValueError("untrusted images need an explicit format")
@@ -138,14 +182,15 @@ def info(path: str, fmt: str | None = None, *, untrusted: bool = False,
     if force_share:
         args.append("-U")
     args.append(path)
-    out = _run(args, limits=untrusted)
+    out = _run(args, limits=untrusted, timeout=timeout)
     return _parse_info(_loads(out, args))
 
 
 def create(path: str, fmt: str, size: int | None = None, *,
            backing: str | None = None, backing_fmt: str | None = None,
            preallocation: str | None = None, compat: str = "1.1",
-           cluster_size: int | None = None) -> None:
+           cluster_size: int | None = None,
+           timeout: float | None = None) -> None:
     """Create an image; a backing file always comes with its format."""
     _check_backing(backing, backing_fmt)
     _check_preallocation(preallocation)
@@ -158,7 +203,7 @@ def create(path: str, fmt: str, size: int | None = None, *,
     args.append(path)
     if size is not None:
         args.append(str(size))
-    _run(args)
+    _run(args, timeout=timeout)
 
 
 def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
@@ -166,7 +211,8 @@ def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
             create: bool = True, target_is_zero: bool = False,
             copy_offload: bool = False, preallocation: str | None = None,
             compat: str = "1.1", cache: str | None = None,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None,
+            stall_timeout: float | None = None) -> None:
     """Copy ``src`` into ``dst`` (sparse).
 
     ``backing``: ``dst`` gets only the clusters allocated in the top layer
@@ -196,11 +242,12 @@ def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
     if cache is not None:
         args += ["-t", cache]
     args += [src, dst]
-    _run_with_progress(args, progress)
+    _run_data(args, progress, stall_timeout)
 
 
 def commit(top: str, *, top_fmt: str = "qcow2", base: str | None = None,
-           progress: Progress | None = None, drop: bool = False) -> None:
+           progress: Progress | None = None, drop: bool = False,
+           stall_timeout: float | None = None) -> None:
     """Commit ``top`` into its backing file (or into ``base``).
 
     The top keeps its content (``-d``) unless ``drop`` is true; removing
@@ -212,17 +259,19 @@ def commit(top: str, *, top_fmt: str = "qcow2", base: str | None = None,
     if not drop:
         args.append("-d")
     args.append(top)
-    _run_with_progress(args, progress)
+    _run_data(args, progress, stall_timeout)
 
 
 def rebase(path: str, backing: str | None, *, backing_fmt: str | None,
            fmt: str = "qcow2", unsafe: bool = False,
-           progress: Progress | None = None) -> None:
+           progress: Progress | None = None, timeout: float | None = None,
+           stall_timeout: float | None = None) -> None:
     """Change the backing file of ``path``.
 
     ``backing`` None or "" rebases onto nothing. Safe mode (the default)
     copies into ``path`` the data that differs between the old and the
-    new backing chain; ``unsafe`` only rewrites the header.
+    new backing chain, under ``stall_timeout``; ``unsafe`` only rewrites
+    the header, under ``timeout``.
     """
     args = ["rebase", "-f", fmt]
     if unsafe:
@@ -233,11 +282,20 @@ def rebase(path: str, backing: str | None, *, backing_fmt: str | None,
     else:
         args += ["-b", ""]
     args.append(path)
-    _run_with_progress(args, progress)
+    if not unsafe:
+        _run_data(args, progress, stall_timeout)
+    elif progress is None:
+        _run(args, timeout=timeout)
+    else:
+        args = [args[0], "-p", *args[1:]]
+        rc, out, err = _execute(args, timeout=timeout, progress=progress)
+        if rc != 0:
+            raise _error(args, rc, out, err)
 
 
 def resize(path: str, size: int, *, fmt: str,
-           preallocation: str | None = None, shrink: bool = False) -> None:
+           preallocation: str | None = None, shrink: bool = False,
+           timeout: float | None = None) -> None:
     """Set the virtual size; making it smaller needs ``shrink=True``."""
     _check_preallocation(preallocation)
     args = ["resize", "-f", fmt]
@@ -246,21 +304,23 @@ def resize(path: str, size: int, *, fmt: str,
     if shrink:
         args.append("--shrink")
     args += [path, str(size)]
-    _run(args)
+    _run(args, timeout=timeout)
 
 
-def measure(path: str, *, fmt: str, out_fmt: str) -> Measure:
+def measure(path: str, *, fmt: str, out_fmt: str,
+            timeout: float | None = None) -> Measure:
     """Bytes needed to convert ``path`` to ``out_fmt``."""
     args = ["measure", "--output", "json", "-f", fmt, "-O", out_fmt, path]
-    data = _loads(_run(args), args)
+    data = _loads(_run(args, timeout=timeout), args)
     return Measure(required=data["required"],
                    fully_allocated=data["fully-allocated"])
 
 
-def check(path: str, *, fmt: str = "qcow2") -> CheckResult:
+def check(path: str, *, fmt: str = "qcow2",
+          timeout: float | None = None) -> CheckResult:
     """Check image consistency; corruptions and leaks are results."""
     args = ["check", "--output", "json", "-f", fmt, path]
-    rc, out, err = _execute(_argv(args))
+    rc, out, err = _execute(args, timeout=timeout)
     if rc == CHECK_NOT_SUPPORTED:
         return CheckResult(0, 0, 0, None)
     if rc not in (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS):
@@ -272,15 +332,18 @@ def check(path: str, *, fmt: str = "qcow2") -> CheckResult:
                        image_end_offset=data.get("image-end-offset"))
 
 
-def map(path: str, *, fmt: str) -> list[Extent]:
+def map(path: str, *, fmt: str,
+        timeout: float | None = None) -> list[Extent]:
     """Allocation map of ``path`` and its chain (``depth`` 0 is the top)."""
     args = ["map", "--output", "json", "-f", fmt, path]
-    return [_parse_extent(e) for e in _loads(_run(args), args)]
+    out = _run(args, timeout=timeout)
+    return [_parse_extent(e) for e in _loads(out, args)]
 
 
-def allocated_bytes(path: str, *, fmt: str) -> int:
+def allocated_bytes(path: str, *, fmt: str,
+                    timeout: float | None = None) -> int:
     """Bytes holding data in the top layer of ``path`` only."""
-    return sum(e.length for e in map(path, fmt=fmt)
+    return sum(e.length for e in map(path, fmt=fmt, timeout=timeout)
                if e.data and e.depth == 0)
 
 
@@ -294,6 +357,17 @@ def _format_args(fmt: str | None) -> list[str]:
 def _check_backing(backing: str | None, backing_fmt: str | None) -> None:
     if backing is not None and not backing_fmt:
         raise ValueError(f"backing file {backing!r} needs backing_fmt")
+
+
+def _timeout(value: float | None, default: float | None,
+             name: str) -> float:
+    """A positive, finite number of seconds (``default`` for None)."""
+    if value is None:
+        value = default
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"invalid {name} timeout {value!r}")
+    return float(value)
 
 
 def _check_preallocation(preallocation: str | None) -> None:
@@ -384,63 +458,203 @@ def _error(args: Sequence[str], rc: int, out: str, err: str,
                                err=err.strip(), argv=_argv(args, limits))
 
 
-def _execute(argv: list[str]) -> tuple[int, str, str]:
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                          capture_output=True, env=_env(), check=False)
-    return proc.returncode, _decode(proc.stdout), _decode(proc.stderr)
-
-
-def _run(args: Sequence[str], limits: bool = False) -> str:
-    rc, out, err = _execute(_argv(args, limits))
+def _run(args: Sequence[str], *, limits: bool = False,
+         timeout: float | None = None) -> str:
+    """Run a quick command; return its stdout."""
+    rc, out, err = _execute(args, limits=limits, timeout=timeout)
     if rc != 0:
         raise _error(args, rc, out, err, limits)
     return out
 
 
-def _run_with_progress(args: list[str], progress: Progress | None) -> None:
-    """Run with ``-p``, feeding progress from stdout as it streams."""
-    if progress is None:
-        _run(args)
-        return
+def _run_data(args: list[str], progress: Progress | None,
+              stall_timeout: float | None) -> None:
+    """Run a data command with ``-p``, under a stall timeout."""
     args = [args[0], "-p", *args[1:]]
-    argv = _argv(args)
-    with tempfile.TemporaryFile() as err_file, subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=err_file, env=_env()) as proc:
-        try:
-            fd = proc.stdout.fileno()  # type: ignore[union-attr]
-            # os.read returns what is there, also on eventlet's green
-            # pipes (cinder-volume monkey-patches), which lack read1().
-            out = _stream_progress(lambda n: os.read(fd, n), progress)
-        except BaseException:
-            proc.kill()
-            raise
-        rc = proc.wait()
-        err_file.seek(0)
-        err = _decode(err_file.read())
+    stall = _timeout(stall_timeout, STALL_TIMEOUT, "stall")
+    rc, out, err = _execute(args, stall=stall, progress=progress)
     if rc != 0:
-        raise _error(args, rc, _decode(out), err)
+        raise _error(args, rc, out, err)
+
+
+def _execute(args: Sequence[str], *, limits: bool = False,
+             timeout: float | None = None, stall: float | None = None,
+             progress: Progress | None = None) -> tuple[int, str, str]:
+    """Run qemu-img with ``args``; return ``(rc, stdout, stderr)``.
+
+    The child runs under a bound, ``stall`` seconds without progress if
+    given, else ``timeout`` (default :data:`QUICK_TIMEOUT`) seconds in
+    all; past it the child is killed, reaped, and QemuImgTimeout raised.
+    Output goes to unnamed temporary files, never pipes: nothing can
+    block on a full pipe, and reading progress never waits (which also
+    holds under eventlet). The child stays in our process group, so
+    whoever kills the group (a service stop, a test's host crash) kills
+    qemu-img too.
+    """
+    if stall is None:
+        timeout = _timeout(timeout, QUICK_TIMEOUT, "quick")
+    argv = _argv(args, limits)
+    with tempfile.TemporaryFile() as out_file, \
+            tempfile.TemporaryFile() as err_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                stdout=out_file, stderr=err_file,
+                                env=_env())
+        try:
+            expired = _supervise(proc, out_file.fileno(), timeout, stall,
+                                 progress)
+        except BaseException:
+            _kill(proc)
+            raise
+        rc = proc.returncode if expired is None else _kill(proc)
+        out = _decode(_read_all(out_file.fileno()))
+        err = _decode(_read_all(err_file.fileno()))
+    if expired is not None:
+        bound, reason = expired
+        if rc is None:
+            reason += (f"; pid {proc.pid} not reaped {KILL_WAIT} seconds "
+                       "after SIGKILL")
+        raise errors.QemuImgTimeout(
+            cmd=args[0], rc=rc, out=out,
+            err=err.strip() or f"timed out after {bound} seconds",
+            argv=argv, timeout=bound, reason=reason,
+            stalled=stall is not None, pid=proc.pid)
+    return proc.returncode, out, err
+
+
+def _supervise(proc: subprocess.Popen, out_fd: int,
+               timeout: float | None, stall: float | None,
+               progress: Progress | None) -> tuple[float, str] | None:
+    """Wait for ``proc``; return ``(bound, reason)`` if it ran too long.
+
+    Waiting is polling with short sleeps (:func:`_wait`): green under
+    eventlet, no selectors, no threads. A quick command without progress
+    is only waited for. Otherwise its stdout is read every
+    :data:`POLL_INTERVAL` seconds for progress; a data command makes
+    progress when its percentage grows or its I/O counters (read and
+    written bytes and calls, ``/proc/PID/io``) move, so a copy that
+    takes long between two percent steps is not taken for a stall.
+    """
+    start = time.monotonic()
+    if stall is None and progress is None:
+        assert timeout is not None
+        if _wait(proc, timeout):
+            return None
+        return timeout, "still running, killed"
+    parser = _ProgressParser(progress)
+    offset = 0
+    state: tuple[object, ...] | None = None
+    changed = start
+    while True:
+        interval = POLL_INTERVAL
+        if timeout is not None:
+            interval = max(0.0, min(interval,
+                                    start + timeout - time.monotonic()))
+        _wait(proc, interval)
+        chunk = os.pread(out_fd, _CHUNK, offset)
+        while chunk:
+            offset += len(chunk)
+            parser.feed(chunk)
+            chunk = os.pread(out_fd, _CHUNK, offset)
+        if proc.returncode is not None:
+            return None
+        now = time.monotonic()
+        if timeout is not None and now - start >= timeout:
+            return timeout, "still running, killed"
+        if stall is not None:
+            current = (parser.last, _io_counters(proc.pid))
+            if current != state:
+                state, changed = current, now
+            elif now - changed >= stall:
+                last = "none" if parser.last < 0 else f"{parser.last}%"
+                return stall, (f"no progress for {stall} seconds (last "
+                               f"progress {last}), killed")
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``proc``; True if it ended.
+
+    Sleeps grow from 0.2 ms to :data:`MAX_POLL_DELAY`, so a command of a
+    few milliseconds is not slowed down much (``Popen.wait(timeout)``
+    sleeps up to 50 ms), and a long one costs a cheap ``waitpid`` now and
+    then.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while proc.poll() is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.25, MAX_POLL_DELAY)
+    return True
+
+
+def _kill(proc: subprocess.Popen) -> int | None:
+    """SIGKILL ``proc`` and reap it; None if it does not die in time.
+
+    A child stuck in uninterruptible I/O may outlive SIGKILL for a while;
+    the Popen object then stays in subprocess's list of children to reap.
+    """
+    proc.kill()
+    return proc.returncode if _wait(proc, KILL_WAIT) else None
+
+
+def _io_counters(pid: int) -> tuple[int, ...] | None:
+    """rchar, wchar, syscr, syscw of ``pid``; None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    values = dict(line.split(b":", 1) for line in data.splitlines()
+                  if b":" in line)
+    try:
+        return tuple(int(values[key]) for key in _IO_KEYS)
+    except (KeyError, ValueError):
+        return None
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class _ProgressParser:
+    """Parse ``(NN.NN/100%)`` updates, reporting each new, larger one.
+
+    Text after the last complete update is kept for the next chunk, so an
+    update split between two reads is parsed once, whole.
+    """
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.last = -1.0
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+        end = 0
+        for match in _PROGRESS_RE.finditer(self._pending):
+            value = float(match.group(1))
+            if value > self.last:
+                self.last = value
+                if self.progress is not None:
+                    self.progress(value)
+            end = match.end()
+        # Keep at most one partial update (qemu-img's are short).
+        self._pending = self._pending[end:][-_MAX_PENDING:]
 
 
 def _stream_progress(read: Callable[[int], bytes],
                      progress: Progress) -> bytes:
-    """Read to EOF, reporting each new, larger percentage.
-
-    Text after the last complete ``(NN.NN/100%)`` is kept for the next
-    chunk, so an update split between two reads is parsed once, whole.
-    """
+    """Read to EOF, reporting each new, larger percentage."""
     out = bytearray()
-    pending = b""
-    last = -1.0
-    while chunk := read(4096):
+    parser = _ProgressParser(progress)
+    while chunk := read(_CHUNK):
         out += chunk
-        pending += chunk
-        end = 0
-        for match in _PROGRESS_RE.finditer(pending):
-            value = float(match.group(1))
-            if value > last:
-                last = value
-                progress(value)
-            end = match.end()
-        pending = pending[end:]
+        parser.feed(chunk)
     return bytes(out)

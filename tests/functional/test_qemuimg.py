@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -337,6 +341,7 @@ def test_convert_progress_callback_error(tmp_path):
     with pytest.raises(RuntimeError, match="cancelled"):
         qemuimg.convert(src, str(tmp_path / "dst"), src_fmt="raw",
                         dst_fmt="raw", progress=fail)
+    assert qemu_children() == []
 
 
 # commit
@@ -569,3 +574,249 @@ def test_progress_update_split_between_reads():
     out = qemuimg._stream_progress(stream.read1, values.append)
     assert values == [0.0, 12.5, 100.0]
     assert out.endswith(b"Image committed.\n")
+
+
+# timeouts
+
+
+def qemu_children():
+    """Children of this process (zombies too) running qemu-img."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        if ppid == os.getpid() and comm in ("qemu-img", "prlimit"):
+            found.append(int(name))
+    return found
+
+
+def assert_killed(e, cmd, timeout, stalled):
+    assert isinstance(e, errors.QemuImgError)
+    assert (e.cmd, e.timeout, e.stalled) == (cmd, timeout, stalled)
+    assert e.rc == -signal.SIGKILL      # killed, and reaped
+    assert e.argv[e.argv.index("qemu-img") + 1] == cmd
+    assert e.reason and e.err
+    assert str(e).startswith(f"qemu-img {cmd} timed out after {timeout}")
+    assert e.pid not in qemu_children()
+    assert not os.path.exists(f"/proc/{e.pid}")
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe: qemu-img blocks opening it, as on a dead mount."""
+    path = str(tmp_path / "fifo")
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture
+def timeouts():
+    saved = qemuimg.QUICK_TIMEOUT, qemuimg.STALL_TIMEOUT
+    yield
+    qemuimg.set_timeouts(*saved)
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_quick_timeout(fifo, untrusted):
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.info(fifo, "raw", untrusted=untrusted, timeout=0.5)
+    assert_killed(e.value, "info", 0.5, stalled=False)
+    assert "killed" in e.value.reason
+    if untrusted:
+        assert e.value.argv[0] == "prlimit"
+
+
+@pytest.mark.parametrize("call", [
+    lambda top, fifo: qemuimg.create(top + ".new", "qcow2", MiB,
+                                     backing=fifo, backing_fmt="raw",
+                                     timeout=0.5),
+    lambda top, fifo: qemuimg.resize(top, 2 * MiB, fmt="qcow2",
+                                     timeout=0.5),
+    lambda top, fifo: qemuimg.check(top, timeout=0.5),
+    lambda top, fifo: qemuimg.measure(fifo, fmt="raw", out_fmt="qcow2",
+                                      timeout=0.5),
+    lambda top, fifo: qemuimg.map(top, fmt="qcow2", timeout=0.5),
+    lambda top, fifo: qemuimg.allocated_bytes(fifo, fmt="raw",
+                                              timeout=0.5),
+], ids=["create", "resize", "check", "measure", "map", "allocated_bytes"])
+def test_quick_timeout_every_command(tmp_path, fifo, call):
+    # Opening the FIFO, or a qcow2 over it, blocks.
+    top = str(tmp_path / "top")
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", fifo,
+                    "-F", "raw", top, "1M"], check=True, capture_output=True)
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        call(top, fifo)
+    assert_killed(e.value, e.value.cmd, 0.5, stalled=False)
+
+
+def test_quick_timeout_unsafe_rebase(tmp_path):
+    values: list[float] = []
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        # Reading the image's header hangs.
+        qemuimg.rebase(hanging_image(MiB), "base", backing_fmt="raw",
+                       unsafe=True, progress=values.append, timeout=0.5)
+    assert_killed(e.value, "rebase", 0.5, stalled=False)
+    assert "-u" in e.value.argv
+
+
+def test_set_timeouts(fifo, timeouts):
+    qemuimg.set_timeouts(0.5, 30)
+    assert (qemuimg.QUICK_TIMEOUT, qemuimg.STALL_TIMEOUT) == (0.5, 30.0)
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.info(fifo, "raw")
+    assert_killed(e.value, "info", 0.5, stalled=False)
+
+
+@pytest.mark.parametrize("quick,stall", [
+    (0, 1), (1, 0), (-1, 1), (float("inf"), 1), (1, float("nan")),
+    (True, 1), ("1", 1), (None, 1)])
+def test_set_timeouts_invalid(timeouts, quick, stall):
+    with pytest.raises(ValueError):
+        qemuimg.set_timeouts(quick, stall)
+    assert (qemuimg.QUICK_TIMEOUT, qemuimg.STALL_TIMEOUT) == (120.0, 600.0)
+
+
+def test_invalid_timeout_argument(tmp_path):
+    path = image(tmp_path, "img", "raw", MiB)
+    with pytest.raises(ValueError):
+        qemuimg.info(path, timeout=0)
+    with pytest.raises(ValueError):
+        qemuimg.convert(path, str(tmp_path / "dst"), src_fmt="raw",
+                        dst_fmt="raw", stall_timeout=-1)
+    assert qemu_children() == []
+
+
+def test_within_timeouts(tmp_path):
+    src = image(tmp_path, "src", "raw", 4 * MiB, timeout=60)
+    qemuio.write_pattern(src, "raw", 0, MiB, 0x42)
+    assert qemuimg.info(src, "raw", timeout=60).virtual_size == 4 * MiB
+    dst = str(tmp_path / "dst")
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="qcow2",
+                    stall_timeout=60)
+    qemuio.verify_pattern(dst, "qcow2", 0, MiB, 0x42)
+    assert qemuimg.check(dst, timeout=60).ok
+    assert qemuimg.allocated_bytes(dst, fmt="qcow2", timeout=60) == MiB
+
+
+def hanging_image(size):
+    """An image name whose every read and write waits an hour."""
+    node = {"driver": "null-co", "size": size,
+            "latency-ns": 3600 * 10**9}
+    return "json:" + json.dumps({"file": node})
+
+
+def stalling_top(tmp_path, size=64 * MiB):
+    """A qcow2 whose first half copies at once; the rest hangs."""
+    top = str(tmp_path / "top")
+    qemuimg.create(top, "qcow2", size, backing=hanging_image(size),
+                   backing_fmt="raw")
+    qemuio.write_pattern(top, "qcow2", 0, size // 2, 0x17)
+    return top
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_stalled_convert(tmp_path, report):
+    top = stalling_top(tmp_path)
+    values: list[float] = []
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.convert(top, str(tmp_path / "dst"), src_fmt="qcow2",
+                        dst_fmt="raw", stall_timeout=1,
+                        progress=values.append if report else None)
+    assert_killed(e.value, "convert", 1.0, stalled=True)
+    assert "-p" in e.value.argv
+    assert "no progress" in e.value.reason
+    if report:
+        # It did copy the top before it stalled reading the backing.
+        assert 0 < values[-1] < 100
+        assert f"{values[-1]}%" in e.value.reason
+
+
+def test_stalled_commit(tmp_path):
+    top = stalling_top(tmp_path)
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.commit(top, stall_timeout=1)
+    assert_killed(e.value, "commit", 1.0, stalled=True)
+
+
+def test_stalled_safe_rebase(tmp_path):
+    top = stalling_top(tmp_path)
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.rebase(top, None, backing_fmt=None, stall_timeout=1)
+    assert_killed(e.value, "rebase", 1.0, stalled=True)
+    assert "-u" not in e.value.argv
+
+
+def test_stall_timeout_default(tmp_path, timeouts):
+    top = stalling_top(tmp_path)
+    qemuimg.set_timeouts(120, 1)
+    with pytest.raises(errors.QemuImgTimeout) as e:
+        qemuimg.convert(top, str(tmp_path / "dst"), src_fmt="qcow2",
+                        dst_fmt="qcow2")
+    assert_killed(e.value, "convert", 1.0, stalled=True)
+
+
+def test_io_counters():
+    counters = qemuimg._io_counters(os.getpid())
+    assert counters is not None and len(counters) == 4
+    assert all(isinstance(c, int) for c in counters)
+    assert qemuimg._io_counters(2**22 + 1) is None
+
+
+EVENTLET_SCRIPT = textwrap.dedent("""
+    import eventlet
+    eventlet.monkey_patch()
+    import json, sys
+    from ovirt_cinder.storage import errors, qemuimg
+
+    src, dst, fifo, top = sys.argv[1:5]
+    result = {"progress": [], "ticks": 0}
+
+    def ticker():
+        while True:
+            result["ticks"] += 1
+            eventlet.sleep(0.05)
+
+    eventlet.spawn(ticker)
+    qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="qcow2",
+                    progress=result["progress"].append)
+    for name, call in [
+            ("quick", lambda: qemuimg.info(fifo, "raw", timeout=0.5)),
+            ("stall", lambda: qemuimg.convert(
+                top, dst + ".2", src_fmt="qcow2", dst_fmt="raw",
+                stall_timeout=1))]:
+        ticks = result["ticks"]
+        try:
+            call()
+        except errors.QemuImgTimeout as e:
+            result[name] = [e.cmd, e.rc, e.stalled]
+        # Other green threads ran while we waited.
+        result[name + "_ticks"] = result["ticks"] - ticks
+    json.dump(result, sys.stdout)
+""")
+
+
+def test_under_eventlet(tmp_path, fifo):
+    """cinder-volume monkey-patches: waiting must stay green."""
+    src = image(tmp_path, "src", "raw", 64 * MiB)
+    qemuio.write_pattern(src, "raw", 0, 64 * MiB, 0x01)
+    top = stalling_top(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", EVENTLET_SCRIPT, src, str(tmp_path / "dst"),
+         fifo, top], capture_output=True, text=True, timeout=120,
+        check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["progress"][-1] == 100.0
+    assert result["progress"] == sorted(set(result["progress"]))
+    assert result["quick"] == ["info", -signal.SIGKILL, False]
+    assert result["stall"] == ["convert", -signal.SIGKILL, True]
+    assert result["quick_ticks"] > 0 and result["stall_ticks"] > 0
+    qemuio.verify_pattern(str(tmp_path / "dst"), "qcow2", 0, 64 * MiB,
+                          0x01)
