@@ -1,25 +1,41 @@
 """Idempotent steps of the engine's operations, each with its undo.
 
 Every operation in :mod:`flows` is a line of these steps. A step takes only
-serialisable arguments (paths and ids), so a flow can be rebuilt from its
-persisted logbook after a crash and re-run: each ``do_*`` finds out how far
-an earlier run got and finishes the job; each ``undo_*`` removes what its
-``do_*`` made. The on-disk invariants of DESIGN.md section 4 are the ground
-truth both read:
+serialisable arguments (domain, image and volume ids, sizes, format names),
+so a flow can be rebuilt from its persisted logbook after a crash and
+re-run, plus a :class:`Context` that is never persisted: this host's
+domains (ids are resolved to this host's own paths, never taken from the
+logbook) and the lease manager. Each ``do_*`` finds out how far an earlier
+run got and finishes the job; each ``undo_*`` removes what its ``do_*``
+made, and only that. The on-disk invariants are the ground truth both
+read (doc/source/contributor/flows.rst):
 
 - a volume is created ILLEGAL, filled, then flipped to LEGAL with a
   generation bump in one metadata write;
 - a volume whose data changes in place is marked ILLEGAL first;
 - a new image is built in ``images/.tmp-<img>`` and renamed into place;
 - a removed image is renamed to ``images/_remove_me_<img>`` first;
-- removing a volume marks it ILLEGAL, then removes data, lease, metadata.
+- removing a volume marks it ILLEGAL, then removes data, lease, metadata;
+  a volume that another volume names as its parent is never removed.
+
+Lease scope: every metadata change runs under the domain's SDM lease
+(``ctx.sdm``), held for that change only; data work (copy, commit,
+rebase, resize) runs outside it, under the image lease the caller holds
+for the whole operation. A step that acts on a plan made earlier checks
+it under the SDM lease first (``expect``) and raises
+:class:`errors.StalePlan` when another host changed the volume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
@@ -31,8 +47,8 @@ from ovirt_cinder.storage import volmeta
 
 Progress = Callable[[float], None]
 
-# Set by the flow runner for the duration of a step: where long copies
-# report progress (the CLI draws a bar from it).
+# Where long copies report progress when the context names no callback
+# (the CLI draws a bar from it).
 progress_callback: Progress | None = None
 
 _PREALLOC = {
@@ -41,8 +57,40 @@ _PREALLOC = {
 }
 
 
-def _domain(sd_path: str) -> sd.FileDomain:
-    return sd.FileDomain.open(sd_path)
+@dataclasses.dataclass
+class Context:
+    """What steps need besides their persisted arguments.
+
+    ``domains``: this host's open domains by id; ``leases``: the lease
+    manager whose domain (SDM) lease guards metadata changes.
+    """
+
+    domains: Mapping[str, sd.FileDomain]
+    leases: Any
+    progress: Progress | None = None
+
+    def domain(self, sd_id: str) -> sd.FileDomain:
+        try:
+            return self.domains[sd_id]
+        except KeyError:
+            raise errors.DomainNotFound(sd_id=sd_id) from None
+
+    @contextlib.contextmanager
+    def sdm(self, dom: sd.FileDomain) -> Iterator[sd.FileDomain]:
+        """Hold ``dom``'s SDM lease around a metadata change."""
+        with self.leases.domain_lease(dom):
+            yield dom
+
+    def report(self, percent: float) -> None:
+        callback = self.progress or progress_callback
+        if callback is not None:
+            callback(percent)
+
+    @property
+    def on_progress(self) -> Progress | None:
+        if self.progress is None and progress_callback is None:
+            return None
+        return self.report
 
 
 def _image_dir(dom: sd.FileDomain, img_id: str, staged: bool) -> str:
@@ -56,74 +104,95 @@ def _read_meta(dom, img_id, vol_id, directory):
         return None
 
 
+def _children(dom, img_id: str, vol_id: str, directory: str) -> list[str]:
+    """Volumes of the image directory that name ``vol_id`` as parent."""
+    found = []
+    for other in dom.list_volumes(img_id, directory):
+        meta = _read_meta(dom, img_id, other, directory)
+        if meta is not None and meta.parent == vol_id:
+            found.append(other)
+    return found
+
+
 # Image directories
 
 
-def do_make_image_dir(sd_path: str, img_id: str) -> None:
-    dom = _domain(sd_path)
-    if dom.has_image(img_id):
-        raise errors.ImageExists(sd_id=dom.sd_id, img_id=img_id)
-    os.makedirs(dom.tmp_image_dir(img_id), exist_ok=True)
+def do_make_image_dir(ctx: Context, sd_id: str, img_id: str) -> None:
+    with ctx.sdm(ctx.domain(sd_id)) as dom:
+        if dom.has_image(img_id):
+            raise errors.ImageExists(sd_id=dom.sd_id, img_id=img_id)
+        os.makedirs(dom.tmp_image_dir(img_id), exist_ok=True)
 
 
-def undo_make_image_dir(sd_path: str, img_id: str) -> None:
-    fileutil.remove_tree(_domain(sd_path).tmp_image_dir(img_id))
+def undo_make_image_dir(ctx: Context, sd_id: str, img_id: str) -> None:
+    with ctx.sdm(ctx.domain(sd_id)) as dom:
+        fileutil.remove_tree(dom.tmp_image_dir(img_id))
 
 
-def do_publish_image(sd_path: str, img_id: str) -> None:
-    dom = _domain(sd_path)
-    tmp = dom.tmp_image_dir(img_id)
-    if os.path.isdir(tmp):
-        os.rename(tmp, dom.image_dir(img_id))
-        fileutil.fsync_dir(dom.images_dir)
-    elif not dom.has_image(img_id):
-        raise errors.ImageNotFound(sd_id=dom.sd_id, img_id=img_id)
+def do_publish_image(ctx: Context, sd_id: str, img_id: str) -> None:
+    with ctx.sdm(ctx.domain(sd_id)) as dom:
+        tmp = dom.tmp_image_dir(img_id)
+        if os.path.isdir(tmp):
+            if dom.has_image(img_id):
+                raise errors.ImageExists(sd_id=dom.sd_id, img_id=img_id)
+            os.rename(tmp, dom.image_dir(img_id))
+            fileutil.fsync_dir(dom.images_dir)
+        elif not dom.has_image(img_id):
+            raise errors.ImageNotFound(sd_id=dom.sd_id, img_id=img_id)
 
 
-def undo_publish_image(sd_path: str, img_id: str) -> None:
-    dom = _domain(sd_path)
-    if dom.has_image(img_id):
-        os.rename(dom.image_dir(img_id), dom.tmp_image_dir(img_id))
+def undo_publish_image(ctx: Context, sd_id: str, img_id: str) -> None:
+    with ctx.sdm(ctx.domain(sd_id)) as dom:
+        if dom.has_image(img_id) and not os.path.exists(
+                dom.tmp_image_dir(img_id)):
+            os.rename(dom.image_dir(img_id), dom.tmp_image_dir(img_id))
+            fileutil.fsync_dir(dom.images_dir)
 
 
-def do_remove_image(sd_path: str, img_id: str) -> None:
-    """Hide the image (rename), then purge it."""
-    dom = _domain(sd_path)
+def do_remove_image(ctx: Context, sd_id: str, img_id: str) -> None:
+    """Hide the image (rename, under the SDM lease), then purge it."""
+    dom = ctx.domain(sd_id)
     removed = dom.removed_image_dir(img_id)
-    if dom.has_image(img_id):
-        os.rename(dom.image_dir(img_id), removed)
-        fileutil.fsync_dir(dom.images_dir)
+    with ctx.sdm(dom):
+        if dom.has_image(img_id):
+            os.rename(dom.image_dir(img_id), removed)
+            fileutil.fsync_dir(dom.images_dir)
     fileutil.remove_tree(removed)
 
 
 # Volumes
 
 
-def do_create_volume(sd_path: str, img_id: str, vol_id: str, *,
-                     capacity: int, fmt: str, prealloc: str,
+def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                     *, capacity: int, fmt: str, prealloc: str,
                      parent_id: str | None, voltype: str,
                      description: str = "", staged: bool = False,
                      legal: bool = True, sequence: int = 0) -> None:
-    dom = _domain(sd_path)
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    old = _read_meta(dom, img_id, vol_id, directory)
-    if old is not None and old.legality == sc.Legality.LEGAL:
-        return
-    _remove_volume_files(dom, img_id, vol_id, directory)
-    meta = volmeta.VolumeMetadata(
-        domain=dom.sd_id, image=img_id,
-        parent=parent_id or sc.BLANK_UUID, capacity=capacity,
-        format=sc.VolumeFormat(fmt), type=sc.Preallocation(prealloc),
-        voltype=sc.VolumeType(voltype), legality=sc.Legality.ILLEGAL,
-        description=description, ctime=int(time.time()),
-        sequence=sequence)
-    dom.write_volume_meta(img_id, vol_id, meta, directory)
-    path = dom.volume_path(img_id, vol_id, directory)
-    fileutil.create_sparse(path + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
+    parent = parent_id or sc.BLANK_UUID
+    with ctx.sdm(dom):
+        old = _read_meta(dom, img_id, vol_id, directory)
+        if old is not None and old.legality == sc.Legality.LEGAL:
+            if old.parent != parent or old.image != img_id:
+                raise errors.VolumeExists(vol_id=vol_id, img_id=img_id)
+            return      # an earlier run finished this step
+        _remove_volume_files(dom, img_id, vol_id, directory)
+        meta = volmeta.VolumeMetadata(
+            domain=dom.sd_id, image=img_id, parent=parent,
+            capacity=capacity, format=sc.VolumeFormat(fmt),
+            type=sc.Preallocation(prealloc),
+            voltype=sc.VolumeType(voltype), legality=sc.Legality.ILLEGAL,
+            description=description, ctime=int(time.time()),
+            sequence=sequence)
+        dom.write_volume_meta(img_id, vol_id, meta, directory)
+        path = dom.volume_path(img_id, vol_id, directory)
+        fileutil.create_sparse(path + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
     _create_data(dom, img_id, path, meta, directory)
     if legal:
-        dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
-            legality=sc.Legality.LEGAL), directory)
+        with ctx.sdm(dom):
+            dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
+                legality=sc.Legality.LEGAL), directory)
 
 
 def _create_data(dom, img_id, path, meta, directory) -> None:
@@ -138,34 +207,13 @@ def _create_data(dom, img_id, path, meta, directory) -> None:
     os.chmod(path, 0o660)
 
 
-def undo_create_volume(sd_path: str, img_id: str, vol_id: str, *,
-                       staged: bool = False, **_ignored) -> None:
-    dom = _domain(sd_path)
+def undo_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                       *, staged: bool = False, **_ignored: Any) -> None:
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    if os.path.isdir(directory):
-        _remove_volume_files(dom, img_id, vol_id, directory)
-
-
-def do_update_volume(sd_path: str, img_id: str, vol_id: str, *,
-                     changes: dict[str, object], staged: bool = False,
-                     **_undo) -> None:
-    """Set metadata fields (one write, GEN bumped) unless already set."""
-    dom = _domain(sd_path)
-    directory = _image_dir(dom, img_id, staged)
-    meta = dom.read_volume_meta(img_id, vol_id, directory)
-    typed = _typed_changes(changes)
-    if all(getattr(meta, k) == v for k, v in typed.items()):
-        return
-    dom.write_volume_meta(img_id, vol_id,
-                          meta.with_next_generation(**typed), directory)
-
-
-def undo_update_volume(sd_path: str, img_id: str, vol_id: str, *,
-                       undo: dict[str, object] | None = None,
-                       staged: bool = False, **_ignored) -> None:
-    if undo:
-        do_update_volume(sd_path, img_id, vol_id, changes=undo,
-                         staged=staged)
+    with ctx.sdm(dom):
+        if os.path.isdir(directory):
+            _remove_volume_files(dom, img_id, vol_id, directory)
 
 
 _FIELD_TYPES = {
@@ -174,20 +222,75 @@ _FIELD_TYPES = {
 }
 
 
-def _typed_changes(changes: dict[str, object]) -> dict[str, object]:
+def _typed(changes: Mapping[str, object]) -> dict[str, object]:
     return {k: _FIELD_TYPES[k](v) if k in _FIELD_TYPES else v
             for k, v in changes.items()}
 
 
-def do_remove_volume(sd_path: str, img_id: str, vol_id: str,
-                     staged: bool = False) -> None:
-    dom = _domain(sd_path)
+def _matches(meta: volmeta.VolumeMetadata,
+             fields: Mapping[str, object]) -> bool:
+    return all(getattr(meta, k) == v for k, v in _typed(fields).items())
+
+
+def do_update_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                     *, changes: dict[str, object],
+                     expect: dict[str, object] | None = None,
+                     staged: bool = False, **_undo: Any) -> None:
+    """Set metadata fields (one write, GEN bumped) unless already set.
+
+    ``expect``: fields (``generation`` among them) the plan read; a
+    volume that no longer has them raises :class:`errors.StalePlan`.
+    """
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    meta = _read_meta(dom, img_id, vol_id, directory)
-    if meta is not None and meta.legality != sc.Legality.ILLEGAL:
-        dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
-            legality=sc.Legality.ILLEGAL), directory)
-    _remove_volume_files(dom, img_id, vol_id, directory)
+    with ctx.sdm(dom):
+        meta = dom.read_volume_meta(img_id, vol_id, directory)
+        if _matches(meta, changes):
+            return
+        if expect and not _matches(meta, expect):
+            raise errors.StalePlan(
+                img_id=img_id, vol_id=vol_id,
+                reason=f"is not {expect} any more")
+        dom.write_volume_meta(img_id, vol_id,
+                              meta.with_next_generation(**_typed(changes)),
+                              directory)
+
+
+def undo_update_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                       *, changes: dict[str, object],
+                       undo: dict[str, object] | None = None,
+                       staged: bool = False, **_ignored: Any) -> None:
+    """Restore ``undo`` only where this step's ``changes`` are in place:
+    a volume another writer changed since is left alone."""
+    if not undo:
+        return
+    dom = ctx.domain(sd_id)
+    directory = _image_dir(dom, img_id, staged)
+    with ctx.sdm(dom):
+        meta = _read_meta(dom, img_id, vol_id, directory)
+        if meta is None or not _matches(meta, changes):
+            return
+        dom.write_volume_meta(img_id, vol_id,
+                              meta.with_next_generation(**_typed(undo)),
+                              directory)
+
+
+def do_remove_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                     staged: bool = False) -> None:
+    """Remove a volume no other volume depends on (ILLEGAL first)."""
+    dom = ctx.domain(sd_id)
+    directory = _image_dir(dom, img_id, staged)
+    with ctx.sdm(dom):
+        children = _children(dom, img_id, vol_id, directory)
+        if children:
+            raise errors.ChainError(
+                img_id=img_id, reason=f"volume {vol_id} is the parent of "
+                f"{', '.join(children)}; not removed")
+        meta = _read_meta(dom, img_id, vol_id, directory)
+        if meta is not None and meta.legality != sc.Legality.ILLEGAL:
+            dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
+                legality=sc.Legality.ILLEGAL), directory)
+        _remove_volume_files(dom, img_id, vol_id, directory)
 
 
 def _remove_volume_files(dom, img_id, vol_id, directory) -> None:
@@ -198,65 +301,81 @@ def _remove_volume_files(dom, img_id, vol_id, directory) -> None:
     fileutil.remove_file(path + sc.META_EXT)
 
 
-def do_link_volume(sd_path: str, src_img_id: str, vol_id: str,
+def do_link_volume(ctx: Context, sd_id: str, src_img_id: str, vol_id: str,
                    img_id: str, staged: bool = True) -> None:
     """Share a template volume into another image with hard links."""
-    dom = _domain(sd_path)
-    src = dom.volume_path(src_img_id, vol_id)
-    dst = dom.volume_path(img_id, vol_id, _image_dir(dom, img_id, staged))
-    for ext in (sc.LEASE_EXT, "", sc.META_EXT):
-        if not os.path.exists(dst + ext):
-            os.link(src + ext, dst + ext)
+    with ctx.sdm(ctx.domain(sd_id)) as dom:
+        src = dom.volume_path(src_img_id, vol_id)
+        dst = dom.volume_path(img_id, vol_id,
+                              _image_dir(dom, img_id, staged))
+        meta = dom.read_volume_meta(src_img_id, vol_id)
+        if meta.voltype != sc.VolumeType.SHARED or not meta.legality == \
+                sc.Legality.LEGAL:
+            raise errors.InvalidOperation(
+                operation="link volume",
+                reason=f"{vol_id} is not a legal SHARED volume")
+        for ext in (sc.LEASE_EXT, "", sc.META_EXT):
+            if not os.path.exists(dst + ext):
+                os.link(src + ext, dst + ext)
 
 
-def undo_link_volume(sd_path: str, src_img_id: str, vol_id: str,
-                     img_id: str, staged: bool = True) -> None:
-    dom = _domain(sd_path)
+def undo_link_volume(ctx: Context, sd_id: str, src_img_id: str,
+                     vol_id: str, img_id: str, staged: bool = True) -> None:
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    if os.path.isdir(directory):
-        _remove_volume_files(dom, img_id, vol_id, directory)
+    with ctx.sdm(dom):
+        if os.path.isdir(directory):
+            _remove_volume_files(dom, img_id, vol_id, directory)
 
 
-# Data
+# Data (outside the SDM lease; the caller holds the image leases)
 
 
-def do_commit(sd_path: str, img_id: str, top_id: str, base_id: str) -> None:
+def _volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+            directory: str | None = None) -> image.Volume:
+    dom = ctx.domain(sd_id)
+    return image.load(dom, img_id, directory).get(vol_id)
+
+
+def do_commit(ctx: Context, sd_id: str, img_id: str, top_id: str,
+              base_id: str) -> None:
     """Write the top volume's data into its parent (the top is kept)."""
-    dom = _domain(sd_path)
-    tree = image.load(dom, img_id)
+    tree = image.load(ctx.domain(sd_id), img_id)
     top, base = tree.get(top_id), tree.get(base_id)
     if base.meta.capacity < top.meta.capacity:
         qemuimg.resize(base.path, top.meta.capacity, fmt=base.qemu_format)
     qemuimg.commit(top.path, top_fmt=top.qemu_format, base=base.path,
-                   progress=progress_callback)
+                   progress=ctx.on_progress)
 
 
-def do_rebase(sd_path: str, img_id: str, vol_id: str,
+def do_rebase(ctx: Context, sd_id: str, img_id: str, vol_id: str,
               parent_id: str | None, unsafe: bool) -> None:
     """Point ``vol_id`` at ``parent_id``; safe mode copies differences."""
-    dom = _domain(sd_path)
-    tree = image.load(dom, img_id)
+    tree = image.load(ctx.domain(sd_id), img_id)
     vol = tree.get(vol_id)
     info = qemuimg.info(vol.path, vol.qemu_format)
     if (info.backing_filename or None) == parent_id:
         return
     parent_fmt = tree.get(parent_id).qemu_format if parent_id else None
     qemuimg.rebase(vol.path, parent_id, backing_fmt=parent_fmt,
-                   unsafe=unsafe, progress=progress_callback)
+                   unsafe=unsafe, progress=ctx.on_progress)
 
 
-def do_convert(src_sd_path: str, src_img_id: str, src_vol_id: str,
-               sd_path: str, img_id: str, vol_id: str, *, fmt: str,
-               staged: bool, top_only: bool = False) -> None:
+def do_convert(ctx: Context, src_sd_id: str, src_img_id: str,
+               src_vol_id: str, sd_id: str, img_id: str, vol_id: str, *,
+               fmt: str, staged: bool, top_only: bool = False) -> None:
     """Copy a volume's view (or only its top layer) into a new volume.
 
     The target volume exists (created ILLEGAL by do_create_volume with
     ``legal=False``); its data is rewritten from scratch on every run.
     """
-    src_dom, dom = _domain(src_sd_path), _domain(sd_path)
+    src_dom, dom = ctx.domain(src_sd_id), ctx.domain(sd_id)
     src = image.load(src_dom, src_img_id).get(src_vol_id)
     directory = _image_dir(dom, img_id, staged)
     dst_meta = dom.read_volume_meta(img_id, vol_id, directory)
+    if dst_meta.legality != sc.Legality.ILLEGAL:
+        raise errors.InvalidOperation(
+            operation="copy", reason=f"target {vol_id} is not ILLEGAL")
     dst = dom.volume_path(img_id, vol_id, directory)
     backing = backing_fmt = None
     if top_only and dst_meta.parent != sc.BLANK_UUID:
@@ -269,16 +388,16 @@ def do_convert(src_sd_path: str, src_img_id: str, src_vol_id: str,
     qemuimg.convert(src.path, dst, src_fmt=src.qemu_format, dst_fmt=fmt,
                     backing=backing, backing_fmt=backing_fmt,
                     copy_offload=offload and backing is None,
-                    preallocation=prealloc, progress=progress_callback)
+                    preallocation=prealloc, progress=ctx.on_progress)
     os.chmod(dst, 0o660)
     cap = dst_meta.capacity
     if cap > qemuimg.info(dst, fmt).virtual_size:
         qemuimg.resize(dst, cap, fmt=fmt)
 
 
-def do_resize(sd_path: str, img_id: str, vol_id: str, size: int) -> None:
-    dom = _domain(sd_path)
-    vol = image.load(dom, img_id).get(vol_id)
+def do_resize(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+              size: int) -> None:
+    vol = _volume(ctx, sd_id, img_id, vol_id)
     if qemuimg.info(vol.path, vol.qemu_format).virtual_size >= size:
         return
     prealloc = _PREALLOC.get((vol.meta.format, vol.meta.type))
@@ -286,30 +405,33 @@ def do_resize(sd_path: str, img_id: str, vol_id: str, size: int) -> None:
                    preallocation=prealloc)
 
 
-def do_export(sd_path: str, img_id: str, vol_id: str, dst: str,
-              fmt: str) -> None:
+def do_export(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+              dst: str, fmt: str) -> None:
     """Copy a volume's whole view into a file outside the domain."""
-    vol = image.load(_domain(sd_path), img_id).get(vol_id)
+    vol = _volume(ctx, sd_id, img_id, vol_id)
     qemuimg.convert(vol.path, dst, src_fmt=vol.qemu_format, dst_fmt=fmt,
-                    progress=progress_callback)
+                    progress=ctx.on_progress)
 
 
-def do_import(sd_path: str, img_id: str, vol_id: str, src: str,
+def do_import(ctx: Context, sd_id: str, img_id: str, vol_id: str, src: str,
               src_fmt: str, staged: bool = True) -> None:
     """Fill a new (ILLEGAL) volume from an inspected file."""
-    dom = _domain(sd_path)
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
     dst = dom.volume_path(img_id, vol_id, directory)
     meta = dom.read_volume_meta(img_id, vol_id, directory)
+    if meta.legality != sc.Legality.ILLEGAL:
+        raise errors.InvalidOperation(
+            operation="import", reason=f"target {vol_id} is not ILLEGAL")
     fileutil.remove_file(dst)
     qemuimg.convert(src, dst, src_fmt=src_fmt, dst_fmt=meta.format.qemu,
                     preallocation=_PREALLOC.get((meta.format, meta.type)),
-                    progress=progress_callback)
+                    progress=ctx.on_progress)
     os.chmod(dst, 0o660)
 
 
-def do_adopt_volume(sd_path: str, img_id: str, vol_id: str, *, src: str,
-                    capacity: int, fmt: str, voltype: str,
+def do_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str, *,
+                    src: str, capacity: int, fmt: str, voltype: str,
                     description: str = "", disktype: str = "DATA",
                     staged: bool = True) -> None:
     """Make ``src`` the data of a new ILLEGAL volume by renaming it: no copy.
@@ -318,33 +440,34 @@ def do_adopt_volume(sd_path: str, img_id: str, vol_id: str, *, src: str,
     domain's filesystem. A re-run after the rename finds ``src`` gone and
     the data in place; a missing ``src`` without data fails the flow.
     """
-    dom = _domain(sd_path)
+    dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
     dst = dom.volume_path(img_id, vol_id, directory)
-    if not os.path.exists(src):
-        if os.path.exists(dst) and _read_meta(
-                dom, img_id, vol_id, directory) is not None:
-            return
-        raise errors.VolumeNotFound(sd_id=dom.sd_id, img_id=img_id,
-                                    vol_id=vol_id)
-    meta = volmeta.VolumeMetadata(
-        domain=dom.sd_id, image=img_id, parent=sc.BLANK_UUID,
-        capacity=capacity, format=sc.VolumeFormat(fmt),
-        type=sc.Preallocation.SPARSE, voltype=sc.VolumeType(voltype),
-        legality=sc.Legality.ILLEGAL, description=description,
-        disktype=disktype, ctime=int(time.time()))
-    dom.write_volume_meta(img_id, vol_id, meta, directory)
-    fileutil.remove_file(dst + sc.LEASE_EXT)
-    fileutil.create_sparse(dst + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
-    os.chmod(src, 0o660)
-    os.rename(src, dst)
-    fileutil.fsync_dir(directory)
+    with ctx.sdm(dom):
+        if not os.path.exists(src):
+            if os.path.exists(dst) and _read_meta(
+                    dom, img_id, vol_id, directory) is not None:
+                return
+            raise errors.VolumeNotFound(sd_id=dom.sd_id, img_id=img_id,
+                                        vol_id=vol_id)
+        meta = volmeta.VolumeMetadata(
+            domain=dom.sd_id, image=img_id, parent=sc.BLANK_UUID,
+            capacity=capacity, format=sc.VolumeFormat(fmt),
+            type=sc.Preallocation.SPARSE, voltype=sc.VolumeType(voltype),
+            legality=sc.Legality.ILLEGAL, description=description,
+            disktype=disktype, ctime=int(time.time()))
+        dom.write_volume_meta(img_id, vol_id, meta, directory)
+        fileutil.remove_file(dst + sc.LEASE_EXT)
+        fileutil.create_sparse(dst + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
+        os.chmod(src, 0o660)
+        os.rename(src, dst)
+        fileutil.fsync_dir(directory)
 
 
-def undo_adopt_volume(sd_path: str, img_id: str, vol_id: str, *,
-                      staged: bool = True, **_ignored) -> None:
-    undo_create_volume(sd_path, img_id, vol_id, staged=staged)
+def undo_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                      *, staged: bool = True, **_ignored: Any) -> None:
+    undo_create_volume(ctx, sd_id, img_id, vol_id, staged=staged)
 
 
-def noop(*_args, **_kwargs) -> None:
+def noop(*_args: Any, **_kwargs: Any) -> None:
     """The undo of steps whose effect is undone by an earlier undo."""

@@ -8,18 +8,16 @@ one.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
 
 from ovirt_cinder.storage import constants as sc
 
 __all__ = [
     "atomic_write", "fsync_dir", "create_sparse", "remove_file",
-    "remove_tree", "allocated_bytes", "supports_reflink", "open_locked",
+    "remove_tree", "allocated_bytes", "supports_reflink",
 ]
 
 FICLONE = 0x40049409
@@ -101,18 +99,3 @@ def supports_reflink(directory: str) -> bool:
     finally:
         remove_file(src)
         remove_file(dst)
-
-
-@contextlib.contextmanager
-def open_locked(path: str, blocking: bool = True) -> Iterator[int]:
-    """Hold an exclusive flock on ``path`` for the duration."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
-        fcntl.flock(fd, flags)
-        try:
-            yield fd
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)

@@ -71,8 +71,8 @@ class Report:
 def check(pool) -> Report:
     """Report every problem in the pool; change nothing."""
     problems = [Problem(kind="unfinished-flow", sd_id=pool.master.sd_id,
-                        path=book.uuid, detail=detail.name)
-                for book, detail in pool.runner.unfinished()]
+                        path=p.book_id, detail=p.problem or p.name)
+                for p in pool.runner.unfinished()]
     for dom in pool.domains.values():
         problems.extend(_check_domain(dom))
     return Report(problems=problems)

@@ -1,15 +1,22 @@
 """Storage pools: the public API of the engine.
 
 A pool is a UUID and the file domains whose metadata names it; one of them
-is the master (``ROLE=Master``) and keeps the pool's task logbook in
-``master/tasks``. A pool is opened from the mount paths that hold its
-domains (``<mount>/<sd_id>``), which is what a Cinder backend or the CLI is
-configured with.
+is the master (``ROLE=Master``) and keeps the pool's logbook of unfinished
+work in a directory of our own, ``master/ovirt-cinder/flows`` (not in
+oVirt's ``master/tasks``). A pool is opened from the mount paths that hold
+its domains (``<mount>/<sd_id>``), which is what a Cinder backend or the
+CLI is configured with; a domain whose metadata cannot be read is kept in
+:attr:`StoragePool.broken` and the others stay usable.
 
-Every mutating method reads the image, plans the operation (chooses ids,
-direction of a merge, what becomes garbage), then runs the matching flow
-of :mod:`flows` under the domain lease. Methods return
-:class:`image.Volume` objects re-read from storage.
+Every mutating method takes the image leases of the images it touches,
+refuses an image that an unfinished flow names, reads the image and checks
+its chain, plans (chooses ids, direction of a merge, what becomes
+garbage), and runs the matching flow of :mod:`flows` while still holding
+the image leases: the plan is made under the lease it is carried out
+with. Each step takes the domain's SDM lease only for its metadata
+change, and the first step that acts on the plan re-checks it under that
+lease (see :mod:`lease`). Methods return :class:`image.Volume` objects
+re-read from storage.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -34,26 +42,34 @@ from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage import sd
 from ovirt_cinder.storage import validate
 
-__all__ = ["StoragePool"]
+__all__ = ["StoragePool", "FLOWS_DIR"]
 
 LOG = logging.getLogger(__name__)
 
-TASKS_DIR = "tasks"
+# The logbook directory, relative to the master domain's master/.
+FLOWS_DIR = os.path.join("ovirt-cinder", "flows")
+
+Images = Iterable[tuple[sd.FileDomain, str]]
 
 
 class StoragePool:
-    """A pool of file domains, with the operations of DESIGN.md §4."""
+    """A pool of file domains, with the operations of the engine."""
 
     def __init__(self, pool_id: str, domains: Iterable[sd.FileDomain], *,
                  lease_manager: lease.LeaseManager | None = None,
                  flow_connection: str | None = None,
-                 listeners: Iterable[Callable[[Any], Any]] = ()) -> None:
+                 listeners: Iterable[Callable[[Any], Any]] = (),
+                 broken: dict[str, errors.StorageError] | None = None
+                 ) -> None:
         self.pool_id = validate.check_uuid(pool_id, "pool id")
         self.domains = {d.sd_id: d for d in domains}
         self.lease_manager = lease_manager or lease.LocalLeaseManager()
+        self.broken = dict(broken or {})
         self._flow_connection = flow_connection
         self._listeners = list(listeners)
         self._runner: flows.FlowRunner | None = None
+        self.context = actions.Context(domains=self.domains,
+                                       leases=self.lease_manager)
 
     # Opening and creating
 
@@ -61,18 +77,25 @@ class StoragePool:
     def open(cls, mounts: Iterable[str], pool_id: str | None = None,
              **kwargs: Any) -> StoragePool:
         """Open the pool whose domains are under ``mounts``."""
-        found = [d for m in mounts for d in sd.find_domains(m)]
+        mounts = list(mounts)
+        found, broken = [], {}
+        for mount in mounts:
+            doms, bad = sd.scan_domains(mount)
+            found += doms
+            broken.update(bad)
+        for path, error in sorted(broken.items()):
+            LOG.error("Storage domain at %s is not usable: %s", path, error)
         if pool_id is None:
             masters = {d.pool_id for d in found if d.is_master}
             if len(masters) != 1:
                 raise errors.InvalidParameter(
-                    name="mounts", value=list(mounts),
+                    name="mounts", value=mounts,
                     reason=f"{len(masters)} pools found; give a pool id")
             pool_id = masters.pop()
         domains = [d for d in found if d.pool_id == pool_id]
         if not any(d.is_master for d in domains):
             raise errors.DomainNotFound(sd_id=f"master of pool {pool_id}")
-        return cls(pool_id, domains, **kwargs)
+        return cls(pool_id, domains, broken=broken, **kwargs)
 
     @classmethod
     def create(cls, mount: str, *, pool_id: str | None = None,
@@ -116,47 +139,105 @@ class StoragePool:
             raise errors.DomainNotFound(sd_id=sd_id) from None
 
     @property
+    def flows_dir(self) -> str:
+        return os.path.join(self.master.master_dir, FLOWS_DIR)
+
+    @property
     def runner(self) -> flows.FlowRunner:
         if self._runner is None:
-            conn = self._flow_connection or os.path.join(
-                self.master.master_dir, TASKS_DIR)
-            self._runner = flows.FlowRunner(conn, listeners=self._listeners)
+            conn = self._flow_connection or self.flows_dir
+            self._runner = flows.FlowRunner(
+                conn, owner=self.lease_manager.owner,
+                listeners=self._listeners)
         return self._runner
 
     @contextlib.contextmanager
-    def _leases(self, domains: Iterable[sd.FileDomain]) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for dom in sorted(set(domains), key=lambda d: d.sd_id):
-                stack.enter_context(self.lease_manager.domain_lease(dom))
+    def _operation(self, images: Images) -> Iterator[None]:
+        """Hold the image leases of an operation for its whole run.
+
+        An image that an unfinished flow names is refused: that flow
+        planned with a chain no one else may change before it is
+        finished (``recover``)."""
+        images = list(images)
+        with self.lease_manager.image_leases(images):
+            busy = self.runner.busy_images()
+            for dom, img_id in images:
+                if (dom.sd_id, img_id) in busy:
+                    raise errors.ImageIsBusy(
+                        img_id=img_id, reason="an unfinished operation "
+                        "holds it; finish it with `ovirt-storage recover`")
             yield
 
-    def _run(self, factory: Callable[..., Any],
-             domains: Iterable[sd.FileDomain], **kwargs: Any) -> None:
-        domains = list(domains)
-        with self._leases(domains):
-            self.runner.run(factory, domains=[d.sd_id for d in domains],
-                            **kwargs)
+    def _run(self, factory: Callable[..., Any], images: Images,
+             **kwargs: Any) -> None:
+        """Run a flow; the caller holds ``images``' leases."""
+        images = list(images)
+        self.runner.run(factory, self.context,
+                        domains=sorted({d.sd_id for d, _ in images}),
+                        images=[(d.sd_id, i) for d, i in images], **kwargs)
+
+    def _checked(self, dom: sd.FileDomain, img_id: str) -> image.ImageTree:
+        """The image, refused if its chain is broken in any way: loops,
+        missing parents, a qcow2 backing name other than the parent's id
+        (a path outside the domain among them), external data files."""
+        tree = self.image(dom.sd_id, img_id)
+        problems = tree.problems()
+        if problems:
+            raise problems[0]
+        return tree
 
     def recover(self) -> list[tuple[str, str]]:
-        """Finish or revert every unfinished flow; return (name, outcome).
+        """Finish, or go on reverting, every unfinished flow this host may
+        run; return (name, outcome) for each book seen.
 
-        Recovery takes the same domain leases the flow's owner held, so it
-        waits for a live owner instead of racing it.
+        Nothing in a logbook is trusted: a factory not on the allow-list,
+        an unknown version, or arguments that do not fit are not run
+        (``UNTRUSTED``); a flow naming a domain this pool does not have is
+        not run (``SKIPPED``: never with fewer leases than it names); a
+        live owner's flow is left to it (``BUSY``); another host's flow
+        runs only once sanlock declares that host dead, and a flow naming
+        host-local files only on its own host. A recovery that fails
+        keeps its book (``FAILED``).
         """
         done = []
-        for book, _ in list(self.runner.unfinished()):
-            ids = (book.meta or {}).get("domains", [])
-            domains = [self.domains[i] for i in ids if i in self.domains]
-            with self._leases(domains):
-                # The owner may have finished while we waited for it.
-                current = self.runner.reload(book)
-                if current is None:
-                    continue
-                book, detail = current
-                outcome = self.runner.recover(book, detail)
-            LOG.info("Recovered flow %s: %s", detail.name, outcome)
-            done.append((detail.name, outcome))
+        for pending in list(self.runner.unfinished()):
+            outcome = self._recover_one(pending)
+            LOG.info("Recovery of flow %s (%s): %s", pending.name,
+                     pending.book_id, outcome)
+            done.append((pending.name, outcome))
         return done
+
+    def _recover_one(self, pending: flows.Pending) -> str:
+        reason = self._refusal(pending)
+        if reason:
+            LOG.warning("Not recovering flow %s (%s): %s", pending.name,
+                        pending.book_id, reason)
+            return "UNTRUSTED" if pending.problem else flows.SKIPPED
+        images = [(self.domains[s], i) for s, i in pending.images]
+        try:
+            with self.lease_manager.image_leases(images):
+                # The owner may have finished while we waited for it.
+                current = self.runner.load(pending.book_id)
+                if current is None:
+                    return flows.states.SUCCESS
+                return self.runner.recover(current, self.context)
+        except errors.LeaseTimeout:
+            return flows.BUSY
+
+    def _refusal(self, pending: flows.Pending) -> str | None:
+        if pending.problem:
+            return pending.problem
+        unknown = [s for s in pending.domains if s not in self.domains]
+        unknown += [s for s, _ in pending.images if s not in self.domains]
+        if unknown:
+            return f"names domains this host does not have: {unknown}"
+        owner = pending.owner
+        if not self.lease_manager.owner_gone(self.master, owner):
+            return f"owned by live host {owner}"
+        if (pending.name in flows.HOST_LOCAL
+                and owner.get("host") != socket.gethostname()):
+            return f"its files are on host {owner.get('host')}"
+        return None
 
     # Reading
 
@@ -189,13 +270,15 @@ class StoragePool:
                       description: str = "") -> image.Volume:
         """A new image with one empty volume."""
         dom = self.domain(sd_id)
+        img_id = validate.check_uuid(img_id, "image id")
         vol_id = self._new_volume_id(vol_id)
-        self._run(flows.create_image, [dom], sd_path=dom.path,
-                  img_id=validate.check_uuid(img_id, "image id"),
-                  vol_id=vol_id, capacity=_check_size(size),
-                  fmt=str(fmt), prealloc=str(prealloc),
-                  voltype=str(voltype), description=description)
-        return self.image(sd_id, img_id).get(vol_id)
+        with self._operation([(dom, img_id)]):
+            self._run(flows.create_image, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id, vol_id=vol_id,
+                      capacity=_check_size(size), fmt=str(fmt),
+                      prealloc=str(prealloc), voltype=str(voltype),
+                      description=description)
+            return self.image(sd_id, img_id).get(vol_id)
 
     def import_volume(self, sd_id: str, img_id: str, src: str,
                       src_fmt: str, capacity: int, *,
@@ -206,14 +289,16 @@ class StoragePool:
                       description: str = "") -> image.Volume:
         """A new image filled from ``src``, which the caller inspected."""
         dom = self.domain(sd_id)
+        img_id = validate.check_uuid(img_id, "image id")
         vol_id = self._new_volume_id(vol_id)
-        self._run(flows.import_image, [dom], sd_path=dom.path,
-                  img_id=validate.check_uuid(img_id, "image id"),
-                  vol_id=vol_id, capacity=_check_size(capacity),
-                  fmt=str(fmt), prealloc=str(prealloc), src=src,
-                  src_fmt=src_fmt, voltype=str(voltype),
-                  description=description)
-        return self.image(sd_id, img_id).get(vol_id)
+        with self._operation([(dom, img_id)]):
+            self._run(flows.import_image, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id, vol_id=vol_id,
+                      capacity=_check_size(capacity), fmt=str(fmt),
+                      prealloc=str(prealloc), src=os.path.abspath(src),
+                      src_fmt=src_fmt, voltype=str(voltype),
+                      description=description)
+            return self.image(sd_id, img_id).get(vol_id)
 
     def adopt_volume(self, sd_id: str, img_id: str, src: str,
                      capacity: int, *,
@@ -233,13 +318,15 @@ class StoragePool:
             raise errors.InvalidParameter(
                 name="src", value=src,
                 reason=f"not on the filesystem of domain {sd_id}")
+        img_id = validate.check_uuid(img_id, "image id")
         vol_id = self._new_volume_id(vol_id)
-        self._run(flows.adopt_image, [dom], sd_path=dom.path,
-                  img_id=validate.check_uuid(img_id, "image id"),
-                  vol_id=vol_id, capacity=_check_size(capacity),
-                  fmt=str(fmt), src=src, voltype=str(voltype),
-                  description=description, disktype=str(disktype))
-        return self.image(sd_id, img_id).get(vol_id)
+        with self._operation([(dom, img_id)]):
+            self._run(flows.adopt_image, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id, vol_id=vol_id,
+                      capacity=_check_size(capacity), fmt=str(fmt),
+                      src=os.path.abspath(src), voltype=str(voltype),
+                      description=description, disktype=str(disktype))
+            return self.image(sd_id, img_id).get(vol_id)
 
     # Snapshots
 
@@ -247,73 +334,86 @@ class StoragePool:
                  vol_id: str | None = None) -> image.Volume:
         """Freeze the leaf as ``snap_id``; return the frozen volume."""
         validate.check_uuid(snap_id, "snapshot id")
-        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
-        if snap_id in tree.snapshots():
-            raise errors.InvalidOperation(
-                operation="snapshot", reason=f"{snap_id} exists")
-        leaf = tree.leaf()
-        self._run(flows.snapshot, [dom], sd_path=dom.path, img_id=img_id,
-                  leaf_id=leaf.vol_id, vol_id=self._new_volume_id(vol_id),
-                  snap_id=snap_id, capacity=leaf.meta.capacity,
-                  leaf_description=leaf.meta.description,
-                  snap_description=description.update(
-                      leaf.meta.description, snap=snap_id),
-                  sequence=_next_sequence(tree))
-        return self.image(sd_id, img_id).get(leaf.vol_id)
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            tree = self._checked(dom, img_id)
+            if snap_id in tree.snapshots():
+                raise errors.InvalidOperation(
+                    operation="snapshot", reason=f"{snap_id} exists")
+            leaf = tree.leaf()
+            self._run(flows.snapshot, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id, leaf_id=leaf.vol_id,
+                      leaf_gen=leaf.meta.generation,
+                      vol_id=self._new_volume_id(vol_id, tree),
+                      snap_id=snap_id, capacity=leaf.meta.capacity,
+                      leaf_description=leaf.meta.description,
+                      snap_description=description.update(
+                          leaf.meta.description, snap=snap_id),
+                      sequence=_next_sequence(tree))
+            return self.image(sd_id, img_id).get(leaf.vol_id)
 
     def delete_snapshot(self, sd_id: str, img_id: str,
                         snap_id: str) -> None:
         """Drop a snapshot, merging its volume away where possible."""
-        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
-        snap = tree.find_snapshot(snap_id)
-        children = tree.children(snap.vol_id)
-        hide = description.update(snap.meta.description, snap=None)
-        if len(children) > 1:
-            # Others still read through it: keep it as an anonymous layer.
-            self._run(flows.update_volume, [dom], sd_path=dom.path,
-                      img_id=img_id, vol_id=snap.vol_id,
-                      changes={"description": hide},
-                      undo={"description": snap.meta.description})
-        elif not children:
-            garbage = [snap.vol_id, *_anonymous_ancestors(tree, snap)]
-            self._run(flows.remove_volume, [dom], sd_path=dom.path,
-                      img_id=img_id, vol_ids=garbage)
-        else:
-            self._merge(dom, tree, snap, tree.get(children[0]))
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            tree = self._checked(dom, img_id)
+            snap = tree.find_snapshot(snap_id)
+            children = tree.children(snap.vol_id)
+            if len(children) > 1:
+                # Others still read through it: keep it as an anonymous
+                # layer.
+                hide = description.update(snap.meta.description, snap=None)
+                self._run(flows.update_volume, [(dom, img_id)],
+                          sd_id=dom.sd_id, img_id=img_id,
+                          vol_id=snap.vol_id, gen=snap.meta.generation,
+                          changes={"description": hide},
+                          undo={"description": snap.meta.description})
+            elif not children:
+                garbage = [snap.vol_id, *_anonymous_ancestors(tree, snap)]
+                self._run(flows.remove_volume, [(dom, img_id)],
+                          sd_id=dom.sd_id, img_id=img_id, vol_ids=garbage)
+            else:
+                self._merge(dom, tree, snap, tree.get(children[0]))
 
     def _merge(self, dom: sd.FileDomain, tree: image.ImageTree,
                base: image.Volume, top: image.Volume) -> None:
         """Merge ``top`` with its parent ``base``, copying less data."""
+        images = [(dom, tree.img_id)]
         if _prefer_commit(base, top):
-            self._run(flows.merge_commit, [dom], sd_path=dom.path,
+            self._run(flows.merge_commit, images, sd_id=dom.sd_id,
                       img_id=tree.img_id, base_id=base.vol_id,
-                      top_id=top.vol_id,
+                      base_gen=base.meta.generation, top_id=top.vol_id,
                       grandchildren=tree.children(top.vol_id),
-                      base_undo={"legality": "LEGAL"},
                       base_changes={
                           "voltype": str(top.meta.voltype),
                           "description": top.meta.description,
                           "capacity": max(top.meta.capacity,
                                           base.meta.capacity)})
         else:
-            self._run(flows.merge_stream, [dom], sd_path=dom.path,
+            self._run(flows.merge_stream, images, sd_id=dom.sd_id,
                       img_id=tree.img_id, base_id=base.vol_id,
-                      top_id=top.vol_id, new_parent=base.parent)
+                      top_id=top.vol_id, top_gen=top.meta.generation,
+                      new_parent=base.parent)
 
     def revert_to_snapshot(self, sd_id: str, img_id: str, snap_id: str, *,
                            vol_id: str | None = None) -> image.Volume:
         """Replace the leaf with a fresh overlay on the snapshot."""
-        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
-        snap = tree.find_snapshot(snap_id)
-        leaf = tree.leaf()
-        garbage = [v for v in _anonymous_ancestors(tree, leaf)
-                   if v != snap.vol_id]
-        vol_id = self._new_volume_id(vol_id)
-        self._run(flows.revert, [dom], sd_path=dom.path, img_id=img_id,
-                  leaf_id=leaf.vol_id, snap_vol_id=snap.vol_id,
-                  vol_id=vol_id, capacity=snap.meta.capacity,
-                  sequence=_next_sequence(tree), garbage=garbage)
-        return self.image(sd_id, img_id).get(vol_id)
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            tree = self._checked(dom, img_id)
+            snap = tree.find_snapshot(snap_id)
+            leaf = tree.leaf()
+            garbage = [v for v in _anonymous_ancestors(tree, leaf)
+                       if v != snap.vol_id]
+            vol_id = self._new_volume_id(vol_id, tree)
+            self._run(flows.revert, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id, leaf_id=leaf.vol_id,
+                      leaf_gen=leaf.meta.generation,
+                      snap_vol_id=snap.vol_id, vol_id=vol_id,
+                      capacity=snap.meta.capacity,
+                      sequence=_next_sequence(tree), garbage=garbage)
+            return self.image(sd_id, img_id).get(vol_id)
 
     # Copies
 
@@ -324,37 +424,42 @@ class StoragePool:
               prealloc: sc.Preallocation = sc.Preallocation.SPARSE,
               vol_id: str | None = None) -> image.Volume:
         """A new image holding a full copy of the leaf or a snapshot."""
-        src_dom, tree = self.domain(sd_id), self.image(sd_id, src_img_id)
-        src = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+        src_dom = self.domain(sd_id)
         dst_dom = self.domain(dst_sd_id or sd_id)
-        size = _check_size(max(size or 0, src.meta.capacity))
-        fmt = fmt or src.meta.format
-        vol_id = self._new_volume_id(vol_id)
-        self._run(flows.clone, [src_dom, dst_dom], src_sd_path=src_dom.path,
-                  src_img_id=src_img_id, src_vol_id=src.vol_id,
-                  sd_path=dst_dom.path,
-                  img_id=validate.check_uuid(img_id, "image id"),
-                  vol_id=vol_id, capacity=size, fmt=str(fmt),
-                  prealloc=str(prealloc))
-        return self.image(dst_dom.sd_id, img_id).get(vol_id)
+        img_id = validate.check_uuid(img_id, "image id")
+        images = [(src_dom, src_img_id), (dst_dom, img_id)]
+        with self._operation(images):
+            tree = self._checked(src_dom, src_img_id)
+            src = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+            size = _check_size(max(size or 0, src.meta.capacity))
+            fmt = fmt or src.meta.format
+            vol_id = self._new_volume_id(vol_id)
+            self._run(flows.clone, images, src_sd_id=src_dom.sd_id,
+                      src_img_id=src_img_id, src_vol_id=src.vol_id,
+                      sd_id=dst_dom.sd_id, img_id=img_id, vol_id=vol_id,
+                      capacity=size, fmt=str(fmt), prealloc=str(prealloc))
+            return self.image(dst_dom.sd_id, img_id).get(vol_id)
 
     def thin_clone(self, sd_id: str, tmpl_img_id: str, img_id: str, *,
                    size: int | None = None,
                    vol_id: str | None = None) -> image.Volume:
         """A new image over a template (SHARED volume): O(1)."""
-        dom, tree = self.domain(sd_id), self.image(sd_id, tmpl_img_id)
-        tmpl = tree.template()
-        if tmpl is None:
-            raise errors.InvalidOperation(
-                operation="thin clone",
-                reason=f"image {tmpl_img_id} is not a template")
-        vol_id = self._new_volume_id(vol_id)
-        self._run(flows.thin_clone, [dom], sd_path=dom.path,
-                  tmpl_img_id=tmpl_img_id, tmpl_vol_id=tmpl.vol_id,
-                  img_id=validate.check_uuid(img_id, "image id"),
-                  vol_id=vol_id,
-                  capacity=_check_size(max(size or 0, tmpl.meta.capacity)))
-        return self.image(sd_id, img_id).get(vol_id)
+        dom = self.domain(sd_id)
+        img_id = validate.check_uuid(img_id, "image id")
+        images = [(dom, tmpl_img_id), (dom, img_id)]
+        with self._operation(images):
+            tmpl = self._checked(dom, tmpl_img_id).template()
+            if tmpl is None:
+                raise errors.InvalidOperation(
+                    operation="thin clone",
+                    reason=f"image {tmpl_img_id} is not a template")
+            vol_id = self._new_volume_id(vol_id)
+            self._run(flows.thin_clone, images, sd_id=dom.sd_id,
+                      tmpl_img_id=tmpl_img_id, tmpl_vol_id=tmpl.vol_id,
+                      img_id=img_id, vol_id=vol_id,
+                      capacity=_check_size(max(size or 0,
+                                               tmpl.meta.capacity)))
+            return self.image(sd_id, img_id).get(vol_id)
 
     def copy_image(self, sd_id: str, img_id: str, dst_sd_id: str, *,
                    move: bool = False) -> image.ImageTree:
@@ -363,44 +468,48 @@ class StoragePool:
         if src_dom is dst_dom:
             raise errors.InvalidOperation(operation="copy image",
                                           reason="same domain")
-        tree = self.image(sd_id, img_id)
-        problems = tree.check()
-        if problems:
-            raise problems[0]
-        templates = [v for v in tree.volumes.values()
-                     if v.meta.image != img_id]
-        for t in templates:
-            if not dst_dom.has_image(t.meta.image):
-                self.copy_image(sd_id, t.meta.image, dst_sd_id)
-        self._run(flows.copy_image, [src_dom, dst_dom],
-                  src_sd_path=src_dom.path, img_id=img_id,
-                  sd_path=dst_dom.path, volumes=_volumes_in_order(tree),
-                  templates=[{"img_id": t.meta.image, "vol_id": t.vol_id}
-                             for t in templates],
-                  remove_source=move)
-        return self.image(dst_sd_id, img_id)
+        images = [(src_dom, img_id), (dst_dom, img_id)]
+        with self._operation(images):
+            tree = self._checked(src_dom, img_id)
+            templates = [v for v in tree.volumes.values()
+                         if v.meta.image != img_id]
+            for t in templates:
+                if not dst_dom.has_image(t.meta.image):
+                    self.copy_image(sd_id, t.meta.image, dst_sd_id)
+            self._run(flows.copy_image, images, src_sd_id=src_dom.sd_id,
+                      img_id=img_id, sd_id=dst_dom.sd_id,
+                      volumes=_volumes_in_order(tree),
+                      templates=[{"img_id": t.meta.image,
+                                  "vol_id": t.vol_id} for t in templates],
+                      remove_source=move)
+            return self.image(dst_sd_id, img_id)
 
     def export_volume(self, sd_id: str, img_id: str, dst: str, *,
                       fmt: str = "raw",
                       snap_id: str | None = None) -> None:
         """Write the leaf's (or a snapshot's) whole view into ``dst``."""
-        dom, tree = self.domain(sd_id), self.image(sd_id, img_id)
-        vol = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
-        with self._leases([dom]):
-            actions.do_export(dom.path, img_id, vol.vol_id, dst, fmt)
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            tree = self._checked(dom, img_id)
+            vol = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+            actions.do_export(self.context, dom.sd_id, img_id, vol.vol_id,
+                              dst, fmt)
 
     # Changing and removing
 
     def extend(self, sd_id: str, img_id: str, size: int) -> image.Volume:
-        dom, leaf = self.domain(sd_id), self.leaf(sd_id, img_id)
-        if size < leaf.meta.capacity:
-            raise errors.InvalidOperation(
-                operation="extend", reason=f"{size} is smaller than "
-                f"the current size {leaf.meta.capacity}")
-        if size > leaf.meta.capacity:
-            self._run(flows.extend, [dom], sd_path=dom.path, img_id=img_id,
-                      vol_id=leaf.vol_id, size=_check_size(size))
-        return self.leaf(sd_id, img_id)
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            leaf = self._checked(dom, img_id).leaf()
+            if size < leaf.meta.capacity:
+                raise errors.InvalidOperation(
+                    operation="extend", reason=f"{size} is smaller than "
+                    f"the current size {leaf.meta.capacity}")
+            if size > leaf.meta.capacity:
+                self._run(flows.extend, [(dom, img_id)], sd_id=dom.sd_id,
+                          img_id=img_id, vol_id=leaf.vol_id,
+                          gen=leaf.meta.generation, size=_check_size(size))
+            return self.leaf(sd_id, img_id)
 
     def delete_image(self, sd_id: str, img_id: str) -> bool:
         """Remove an image; return False if it was already gone.
@@ -409,17 +518,22 @@ class StoragePool:
         for every other image that links them.
         """
         dom = self.domain(sd_id)
-        if not dom.has_image(img_id):
-            fileutil.remove_tree(dom.removed_image_dir(img_id))
-            return False
-        self._run(flows.remove_image, [dom], sd_path=dom.path,
-                  img_id=img_id)
-        return True
+        with self._operation([(dom, img_id)]):
+            if not dom.has_image(img_id):
+                fileutil.remove_tree(dom.removed_image_dir(img_id))
+                return False
+            self._run(flows.remove_image, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id)
+            return True
 
-    def _new_volume_id(self, vol_id: str | None) -> str:
+    def _new_volume_id(self, vol_id: str | None,
+                       tree: image.ImageTree | None = None) -> str:
         if vol_id is None:
             return validate.new_uuid()
-        return validate.check_uuid(vol_id, "volume id")
+        vol_id = validate.check_uuid(vol_id, "volume id")
+        if tree is not None and vol_id in tree:
+            raise errors.VolumeExists(vol_id=vol_id, img_id=tree.img_id)
+        return vol_id
 
 
 def _check_size(size: int) -> int:

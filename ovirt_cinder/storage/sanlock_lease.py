@@ -21,7 +21,11 @@ per domain (lease calls join on first use). A lease call registers the
 process with the daemon once (the registration fd lives as long as the
 process: if the process dies, the daemon releases its leases) and acquires
 the resource, retrying while another host or process holds it, up to
-``lease_timeout`` seconds (then :class:`errors.LeaseTimeout`).
+``lease_timeout`` seconds (then :class:`errors.LeaseTimeout`). Joining and
+every request to the daemon go through :func:`lease.offload`, so they never
+block an eventlet hub. Image leases are the host-local ones of
+:class:`lease.LeaseManager`; across hosts a flow re-checks its plan under
+the SDM lease.
 
 If a host dies holding a lease, the other hosts get it once sanlock
 declares the dead host's delta lease expired: ``8 * io_timeout + 60``
@@ -92,7 +96,8 @@ class SanlockLeaseManager(lease.LeaseManager):
     """Domain (SDM) and volume leases held through the sanlock daemon."""
 
     def __init__(self, host_id: int = 1, io_timeout: int = 10, *,
-                 lease_timeout: float = 60.0,
+                 lease_timeout: float = lease.DEFAULT_LEASE_TIMEOUT,
+                 lock_path: str | None = None,
                  retry_interval: float = 0.5) -> None:
         if not 1 <= host_id <= MAX_HOST_ID:
             raise errors.InvalidParameter(
@@ -101,9 +106,9 @@ class SanlockLeaseManager(lease.LeaseManager):
         if io_timeout < 1:
             raise errors.InvalidParameter(
                 name="io timeout", value=io_timeout, reason="must be >= 1")
+        super().__init__(lease_timeout=lease_timeout, lock_path=lock_path)
         self.host_id = host_id
         self.io_timeout = io_timeout
-        self.lease_timeout = lease_timeout
         self.retry_interval = retry_interval
         self._state = threading.Lock()      # _fd, _joined, _join_locks
         self._fd_lock = threading.Lock()    # one request at a time on _fd
@@ -111,7 +116,6 @@ class SanlockLeaseManager(lease.LeaseManager):
         self._joined: dict[str, tuple[str, bool]] = {}  # sd_id: (ids, ours)
         self._join_locks: dict[str, threading.Lock] = {}
         self._ready: set[str] = set()       # volume resources checked
-        self._depth: dict[str, int] = {}
 
     def __enter__(self) -> SanlockLeaseManager:
         return self
@@ -180,7 +184,7 @@ class SanlockLeaseManager(lease.LeaseManager):
             if sd_id in self._joined:
                 return
             ids = domain.dom_md("ids")
-            ours = self._add_lockspace(sd_id, ids)
+            ours = lease.offload(self._add_lockspace, sd_id, ids)
             with self._state:
                 self._joined[sd_id] = (ids, ours)
 
@@ -257,12 +261,26 @@ class SanlockLeaseManager(lease.LeaseManager):
         """True once sanlock declares ``host_id`` dead in the lockspace."""
         return self.host_status(domain).get(host_id) == "dead"
 
+    @property
+    def owner(self) -> dict[str, object]:
+        return dict(super().owner, host_id=self.host_id)
+
+    def owner_gone(self, domain, owner: dict[str, object]) -> bool:
+        """Our own host id, or one sanlock declares dead in ``domain``'s
+        lockspace: a live host's flows are never taken over."""
+        host_id = owner.get("host_id")
+        if host_id == self.host_id:
+            return True
+        if not isinstance(host_id, int):
+            return False
+        return self.is_host_dead(domain, host_id)
+
     # Leases
 
     @contextlib.contextmanager
     def domain_lease(self, domain) -> Iterator[None]:
         """Hold the domain's SDM lease (re-entrant within a thread)."""
-        with self._held(domain, lease.storage_lock(domain.sd_id),
+        with self._held_resource(domain, lease.storage_lock(domain.sd_id),
                         self._sdm(domain)):
             yield
 
@@ -274,7 +292,8 @@ class SanlockLeaseManager(lease.LeaseManager):
                         domain.volume_path(img_id, vol_id) + sc.LEASE_EXT,
                         0)
         self._ensure_volume_resource(domain, img_id, res)
-        with self._held(domain, volume_lock(domain.sd_id, vol_id), res):
+        with self._held_resource(domain, volume_lock(domain.sd_id, vol_id),
+                                 res):
             yield
 
     def _ensure_volume_resource(self, domain, img_id: str,
@@ -296,25 +315,20 @@ class SanlockLeaseManager(lease.LeaseManager):
         return _Resource(domain.sd_id, sc.SDM_LEASE_NAME,
                          domain.dom_md("leases"), sc.SDM_LEASE_OFFSET)
 
+    def _held_resource(self, domain, lock_name: str,
+                       res: _Resource) -> contextlib.AbstractContextManager:
+        return self._held(lock_name,
+                          lambda: self._sanlock_held(domain, res))
+
     @contextlib.contextmanager
-    def _held(self, domain, lock_name: str,
-              res: _Resource) -> Iterator[None]:
-        with lease.locked([lock_name]):
-            depth = self._depth.get(lock_name, 0)
-            self._depth[lock_name] = depth + 1
-            try:
-                if depth:
-                    yield
-                else:
-                    self._acquire(domain, res)
-                    try:
-                        yield
-                    except BaseException:
-                        self._release_quietly(res)
-                        raise
-                    self._release(res)
-            finally:
-                self._depth[lock_name] = depth
+    def _sanlock_held(self, domain, res: _Resource) -> Iterator[None]:
+        self._acquire(domain, res)
+        try:
+            yield
+        except BaseException:
+            self._release_quietly(res)
+            raise
+        self._release(res)
 
     def _acquire(self, domain, res: _Resource) -> None:
         self.join(domain)
@@ -349,7 +363,8 @@ class SanlockLeaseManager(lease.LeaseManager):
     def _request(self, fn, res: _Resource) -> None:
         fd = self._registration()
         with self._fd_lock:
-            fn(fd, res.lockspace, res.name, res.path, res.offset)
+            lease.offload(fn, fd, res.lockspace, res.name, res.path,
+                          res.offset)
 
     def _registration(self) -> int:
         """This process's registration fd (a forked child registers

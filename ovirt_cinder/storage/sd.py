@@ -19,7 +19,7 @@ is first renamed to ``images/_remove_me_<img>``. Readers never list those.
 
 :class:`FileDomain` is the manifest (any host may read). The few writing
 primitives here (metadata writes, directory publish) are called by the
-operations in :mod:`ops` under the domain lease.
+operations in :mod:`actions` under the domain lease.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import validate
 from ovirt_cinder.storage import volmeta
 
-__all__ = ["FileDomain", "DomainStats", "find_domains", "create_domain"]
+__all__ = ["FileDomain", "DomainStats", "find_domains", "scan_domains",
+           "create_domain"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,14 +200,42 @@ def _is_uuid(name: str) -> bool:
 
 
 def find_domains(mount: str) -> list[FileDomain]:
-    """Open every domain directory directly under ``mount``."""
-    found = []
-    for name in sorted(os.listdir(mount)):
-        path = os.path.join(mount, name)
-        if _is_uuid(name) and os.path.isfile(
-                os.path.join(path, sc.DOM_MD, sc.METADATA)):
-            found.append(FileDomain.open(path))
+    """Open every domain directory directly under ``mount``; raise on the
+    first one that cannot be opened."""
+    found, broken = scan_domains(mount)
+    for error in broken.values():
+        raise error
     return found
+
+
+def scan_domains(mount: str) -> tuple[list[FileDomain],
+                                      dict[str, errors.StorageError]]:
+    """Open every domain directory directly under ``mount``.
+
+    Returns the domains that opened and, by path, the error of each that
+    did not (a bad checksum, unreadable metadata): one broken domain
+    never hides the others. A missing or unreadable ``mount`` raises
+    :class:`errors.DomainNotFound`.
+    """
+    try:
+        names = sorted(os.listdir(mount))
+    except OSError as e:
+        raise errors.DomainNotFound(
+            sd_id=f"in {mount} ({e.strerror})") from None
+    found, broken = [], {}
+    for name in names:
+        path = os.path.join(mount, name)
+        if not (_is_uuid(name) and os.path.isfile(
+                os.path.join(path, sc.DOM_MD, sc.METADATA))):
+            continue
+        try:
+            found.append(FileDomain.open(path))
+        except errors.StorageError as e:
+            broken[path] = e
+        except OSError as e:
+            broken[path] = errors.MetadataError(path=path,
+                                                reason=e.strerror)
+    return found, broken
 
 
 def create_domain(mount: str, *, sd_id: str, pool_id: str,
