@@ -7,7 +7,17 @@ Entry point (setup.cfg)::
         ovirt_cinder = ovirt_cinder.opts:list_opts
 
 Each component contributes its groups through a small function here;
-:func:`list_opts` joins them.
+:func:`list_opts` joins them. The options shared by every component
+(:data:`ovirt_cinder.storage.config.POOL_OPTS`) appear in each group that
+reads them, once per group:
+
+``backend_defaults``
+    the Cinder driver (any backend section);
+``ovirt``
+    the Glance store (stands for each glance_store backend section);
+``storage``
+    the ``ovirt-storage`` CLI's own file,
+    ``/etc/ovirt-cinder/ovirt-storage.conf``.
 """
 
 from __future__ import annotations
@@ -29,6 +39,21 @@ def _glance_opts() -> list[tuple[str, list[cfg.Opt]]]:
     return store.list_opts()
 
 
+def _cli_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    from ovirt_cinder.storage import config
+    return [("storage", list(config.POOL_OPTS))]
+
+
+def _once(opts: list[cfg.Opt]) -> list[cfg.Opt]:
+    """``opts`` without a second option of the same name."""
+    unique: dict[str, cfg.Opt] = {}
+    for opt in opts:
+        unique.setdefault(opt.dest, opt)
+    return list(unique.values())
+
+
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every option of ovirt_cinder, as (group, options) pairs."""
-    return [*_cinder_opts(), *_glance_opts()]
+    return [(group, _once(opts))
+            for group, opts in [*_cinder_opts(), *_glance_opts(),
+                                *_cli_opts()]]

@@ -49,10 +49,10 @@ from ovirt_cinder.cinder import manageable
 from ovirt_cinder.cinder import migration
 from ovirt_cinder.cinder import options
 from ovirt_cinder.cinder.translate import engine_errors
+from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import inspect
-from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import validate
 from ovirt_cinder.storage.pool import StoragePool
 
@@ -112,17 +112,8 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             raise exception.InvalidConfigurationValue(
                 option="ovirt_domain_paths", value="")
         with engine_errors():
-            leases = lease.make_lease_manager(
-                conf.ovirt_lease_backend, host_id=conf.ovirt_host_id,
-                io_timeout=conf.ovirt_io_timeout)
-            self.pool = StoragePool.open(
-                conf.ovirt_domain_paths,
-                pool_id=conf.ovirt_pool_uuid or None, lease_manager=leases,
-                flow_connection=conf.ovirt_flow_connection or None)
-            for dom in self.pool.domains.values():
-                leases.init_domain(dom)
-            for name, outcome in self.pool.recover():
-                LOG.info("Recovered storage flow %s: %s", name, outcome)
+            # Finish or revert what a crashed cinder-volume left unfinished.
+            self.pool = config.open_pool(conf, recover=True)
         if not conf.ovirt_copy_offload:
             for dom in self.pool.domains.values():
                 dom.copy_offload = False

@@ -14,77 +14,87 @@ section, as Cinder's own drivers do. A backend section looks like::
 ``ovirt_domain_paths`` lists mount directories; each holds one or more
 storage domains as ``<mount>/<sd_id>``. Each domain of the pool found there
 becomes one Cinder pool named by its ``sd_id``.
+
+The options that find, fence and log the pool (``ovirt_pool_uuid``,
+``ovirt_domain_paths``, ``ovirt_lease_backend``, ``ovirt_host_id``,
+``ovirt_io_timeout``, ``ovirt_flow_connection``, ``ovirt_lease_timeout``,
+``ovirt_lock_path``) are :data:`ovirt_cinder.storage.config.POOL_OPTS`,
+shared with the Glance store and the ``ovirt-storage`` CLI
+(``ovirt-storage --config-file /etc/cinder/cinder.conf --backend ovirt1``
+reads this section).
 """
 
 from __future__ import annotations
 
 from oslo_config import cfg
 
-__all__ = ["OVIRT_OPTS", "register", "list_opts"]
+from ovirt_cinder.storage import config
+
+__all__ = ["OVIRT_OPTS", "POOL_OPTS", "DRIVER_OPTS", "register",
+           "list_opts"]
 
 SHARED_GROUP = "backend_defaults"
 
-OVIRT_OPTS = [
-    cfg.StrOpt(
-        "ovirt_pool_uuid",
-        help="UUID of the oVirt storage pool this backend serves.\n\n"
-             "Possible values: a UUID, or unset to use the only pool whose "
-             "master domain is found in ovirt_domain_paths.\n\n"
-             "Related options: ovirt_domain_paths."),
-    cfg.ListOpt(
-        "ovirt_domain_paths", default=[],
-        help="Mount directories holding the pool's file storage domains "
-             "(<mount>/<sd_id>); local directories, POSIX or NFS mounts "
-             "mounted by the operator. Each domain found becomes a Cinder "
-             "pool named by its sd_id.\n\n"
-             "Related options: ovirt_pool_uuid."),
+# The options Cinder shares with the Glance store and the CLI.
+POOL_OPTS = config.POOL_OPTS
+
+# The options of the driver alone.
+DRIVER_OPTS = [
     cfg.StrOpt(
         "ovirt_volume_format", default="raw", choices=["raw", "qcow2"],
-        help="Format of new volumes. Snapshots always add qcow2 layers.\n\n"
-             "Possible values: raw, qcow2.\n\n"
-             "A volume type extra spec ovirt:volume_format overrides it."),
+        help="""
+Format of new volumes. Snapshots always add qcow2 layers.
+
+Possible values:
+    * raw
+    * qcow2
+
+Related options:
+    * A volume type extra spec ``ovirt:volume_format`` overrides it
+"""),
     cfg.StrOpt(
         "ovirt_volume_allocation", default="sparse",
         choices=["sparse", "preallocated"],
-        help="Allocation of new volumes.\n\n"
-             "Possible values: sparse (thin), preallocated (thick).\n\n"
-             "A volume type extra spec ovirt:volume_allocation overrides it."),
-    cfg.StrOpt(
-        "ovirt_lease_backend", default="local", choices=["local", "sanlock"],
-        help="How metadata changes are fenced.\n\n"
-             "Possible values: local (flock, a single host), sanlock "
-             "(several hosts; needs the sanlock lease module).\n\n"
-             "Related options: ovirt_host_id."),
-    cfg.IntOpt(
-        "ovirt_host_id", default=1, min=1, max=250,
-        help="The sanlock host id of this cinder-volume host (1-250), "
-             "unique among the hosts sharing the pool.\n\n"
-             "Related options: ovirt_lease_backend."),
-    cfg.StrOpt(
-        "ovirt_flow_connection", default="",
-        help="Where unfinished storage operations are recorded so they "
-             "can be finished or reverted after a crash.\n\n"
-             "Possible values: empty (a directory in the master domain, "
-             "master/tasks), or an SQLAlchemy URL such as "
-             "mysql+pymysql://user:pass@host/ovirt_flows.\n\n"
-             "Related options: ovirt_domain_paths. Every service sharing "
-             "the pool (Cinder and Glance) must use the same value."),
-    cfg.IntOpt(
-        "ovirt_io_timeout", default=10, min=1,
-        help="sanlock I/O timeout in seconds. Joining a domain takes "
-             "about 2 x this plus 1 s; a dead host's lease is free "
-             "again after about 8 x this plus 60 s.\n\n"
-             "Related options: ovirt_lease_backend."),
+        help="""
+Allocation of new volumes.
+
+Possible values:
+    * sparse: thin
+    * preallocated: thick
+
+Related options:
+    * A volume type extra spec ``ovirt:volume_allocation`` overrides it
+"""),
     cfg.IntOpt(
         "ovirt_max_image_virtual_size_gb", default=1024, min=1,
-        help="Largest virtual size, in GiB, of an image accepted by "
-             "copy_image_to_volume. Larger images are refused before any "
-             "data is written."),
+        help="""
+Largest virtual size, in GiB, of an image accepted by
+copy_image_to_volume. Larger images are refused before any data is
+written.
+
+Possible values:
+    * A number of GiB
+
+Related options:
+    * None
+"""),
     cfg.BoolOpt(
         "ovirt_copy_offload", default=True,
-        help="Let copies within one domain use copy offload (reflink, "
-             "qemu-img convert -C) where the filesystem supports it."),
+        help="""
+Let copies within one domain use copy offload (reflink, ``qemu-img
+convert -C``) where the filesystem supports it.
+
+Possible values:
+    * true, false
+
+Related options:
+    * None
+"""),
 ]
+
+# Everything a backend section may hold: what the driver registers and
+# oslo-config-generator lists.
+OVIRT_OPTS = [*POOL_OPTS, *DRIVER_OPTS]
 
 
 def register(conf: cfg.ConfigOpts = cfg.CONF) -> None:

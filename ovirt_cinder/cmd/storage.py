@@ -2,8 +2,9 @@
 
 Every command opens the pool from the mount directories given with
 ``-p/--path`` (repeatable; default: the colon-separated
-``OVIRT_STORAGE_PATHS``), makes one engine call and prints a human table,
-or JSON with ``--json``. Global options may come before or after the
+``OVIRT_STORAGE_PATHS``, then ``ovirt_domain_paths`` of the configuration
+below), makes one engine call and prints a human table, or JSON with
+``--json``. Global options may come before or after the
 command (except ``--path`` of ``pool create`` and ``domain create``, which
 names the mount to create in)::
 
@@ -22,8 +23,37 @@ Long copies (``image clone``, ``image copy``, ``image export``,
 ``volume import``) draw a progress bar on stderr when stderr is a TTY, or
 with ``--progress``.
 
+Configuration
+    The pool's settings (mounts, pool UUID, lease backend, host id, lease
+    timeout, lock path, logbook) come from the service's own configuration,
+    read as oslo.config tools read it: ``--config-file`` (repeatable) and
+    ``--config-dir``, with ``--backend NAME`` for a Cinder backend section
+    (unset options fall back to ``[backend_defaults]``, as in Cinder) or
+    ``--glance-store NAME`` for a glance_store backend section; otherwise
+    the ``[storage]`` section of the given files, or of
+    ``/etc/ovirt-cinder/ovirt-storage.conf`` when it exists and no file is
+    given. Without a file, ``--backend`` reads Cinder's
+    ``/etc/cinder/cinder.conf`` and ``--glance-store`` Glance's
+    ``/etc/glance/glance-api.conf``. The chosen section must exist; options
+    of other components in the files are ignored::
+
+        ovirt-storage --backend ovirt1 fsck
+        ovirt-storage --config-file /etc/glance/glance-api.conf \\
+            --glance-store fast pool show
+
+    Flags win over the files: ``-p`` (then ``OVIRT_STORAGE_PATHS``) over
+    ``ovirt_domain_paths``, ``--pool-id``, ``--lease-backend``,
+    ``--host-id``, ``--flow-connection`` and ``--lock-path`` over their
+    options. Every service sharing the pool must agree on the lease
+    backend, the logbook and (on one host) the lock path, so an admin
+    command should read the services' configuration instead of repeating
+    it.
+
 Exit codes: 0 success; 1 ``fsck`` found problems that remain; 2 a usage
-error or an engine error (printed as ``error: <message>``).
+error, a configuration error, an engine error or an OS error (printed as
+one line ``error: <message>``, never a traceback unless ``--debug``).
+The engine (and TaskFlow) and oslo.config are imported only once the
+arguments are parsed, by the commands that open a pool.
 """
 
 from __future__ import annotations
@@ -32,12 +62,16 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
+import traceback
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import TextIO
 
@@ -48,11 +82,23 @@ from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import image as image_mod
 from ovirt_cinder.storage import inspect
 from ovirt_cinder.storage import validate
-from ovirt_cinder.storage.pool import StoragePool
 
-__all__ = ["Output", "main", "parse_size"]
+if TYPE_CHECKING:
+    from ovirt_cinder.storage.pool import StoragePool
+
+__all__ = ["Output", "ConfigError", "main", "parse_size", "settings"]
 
 PATHS_ENV = "OVIRT_STORAGE_PATHS"
+
+# The CLI's own configuration file (section STORAGE_GROUP), read when it
+# exists and no --config-file/--config-dir is given.
+DEFAULT_CONFIG_FILE = "/etc/ovirt-cinder/ovirt-storage.conf"
+STORAGE_GROUP = "storage"
+# What --backend and --glance-store read when no file is given.
+CINDER_CONFIG_FILE = "/etc/cinder/cinder.conf"
+GLANCE_CONFIG_FILE = "/etc/glance/glance-api.conf"
+# Cinder's shared section, where a backend section's unset options are read.
+CINDER_SHARED_GROUP = "backend_defaults"
 
 _FORMATS = {"raw": sc.VolumeFormat.RAW, "qcow2": sc.VolumeFormat.COW}
 _UNITS = {"": 1, "K": sc.KiB, "M": sc.MiB, "G": sc.GiB, "T": 1024 * sc.GiB}
@@ -150,18 +196,121 @@ def _created(**ids: str) -> Output:
 
 # Pool
 
-def _mounts(args: argparse.Namespace) -> list[str]:
+class ConfigError(Exception):
+    """A configuration file is missing, unreadable or holds a bad value."""
+
+
+def _read_files(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The section to read and the oslo.config arguments naming files."""
+    if args.backend and args.glance_store:
+        raise ConfigError("give --backend or --glance-store, not both")
+    group = args.backend or args.glance_store or STORAGE_GROUP
+    files, dirs = args.config_files or [], args.config_dirs or []
+    if not files and not dirs:
+        default = (CINDER_CONFIG_FILE if args.backend else
+                   GLANCE_CONFIG_FILE if args.glance_store else
+                   DEFAULT_CONFIG_FILE)
+        if os.path.exists(default):
+            files = [default]
+        elif group != STORAGE_GROUP:
+            raise ConfigError(f"no {default} to read section [{group}] "
+                              "from; give --config-file")
+    argv = [a for f in files for a in ("--config-file", f)]
+    argv += [a for d in dirs for a in ("--config-dir", d)]
+    return group, argv
+
+
+def settings(args: argparse.Namespace) -> argparse.Namespace:
+    """The pool's options: from the configuration, then the flags.
+
+    Raises :class:`ConfigError` for a missing, unreadable or unparsable
+    file, a missing section or a bad value.
+    """
+    from oslo_config import cfg
+
+    from ovirt_cinder.storage import config
+
+    group, argv = _read_files(args)
+    values = {opt.dest: opt.default for opt in config.POOL_OPTS}
+    if argv:
+        cinder = bool(args.backend) and args.backend != CINDER_SHARED_GROUP
+        try:
+            values.update(_parse(group, argv, cinder=cinder))
+        except cfg.Error as e:
+            raise ConfigError(str(e)) from e
+    values.update({dest: getattr(args, flag) for dest, flag in [
+        ("ovirt_pool_uuid", "pool_id"),
+        ("ovirt_lease_backend", "lease_backend"),
+        ("ovirt_host_id", "host_id"),
+        ("ovirt_flow_connection", "flow_connection"),
+        ("ovirt_lock_path", "lock_path")] if getattr(args, flag) is not None})
     paths = args.paths or [
         p for p in os.environ.get(PATHS_ENV, "").split(":") if p]
-    if not paths:
-        raise errors.InvalidParameter(
-            name="path", value=None,
-            reason=f"give -p/--path MOUNT or set {PATHS_ENV}")
-    return paths
+    if paths:
+        values["ovirt_domain_paths"] = paths
+    return argparse.Namespace(section=group, **values)
+
+
+def _parse(group: str, argv: list[str], *, cinder: bool) -> dict[str, Any]:
+    """Read the POOL_OPTS of ``group`` from the files ``argv`` names; a
+    ``cinder`` backend section falls back to ``[backend_defaults]``."""
+    from oslo_config import cfg
+
+    from ovirt_cinder.storage import config
+
+    conf = cfg.ConfigOpts()     # private: never the global CONF
+    conf.register_opts(config.POOL_OPTS, group=group)
+    if cinder:
+        # As Cinder's BackendGroupConfiguration: an option unset in the
+        # backend section (None) is read from [backend_defaults].
+        conf.register_opts(config.POOL_OPTS, group=CINDER_SHARED_GROUP)
+        for opt in config.POOL_OPTS:
+            conf.set_default(opt.dest, None, group=group)
+    conf(args=argv, project="ovirt-cinder", prog="ovirt-storage",
+         default_config_files=[], default_config_dirs=[], use_env=False)
+    if group not in conf.list_all_sections():
+        raise ConfigError(f"no section [{group}] in the configuration "
+                          f"({_sources(conf)})")
+    values = {}
+    for opt in config.POOL_OPTS:
+        value = _value(conf, group, opt.dest)
+        if value is None and cinder:
+            value = _value(conf, CINDER_SHARED_GROUP, opt.dest)
+        values[opt.dest] = value
+    return values
+
+
+def _value(conf: Any, group: str, name: str) -> Any:
+    from oslo_config import cfg
+
+    try:
+        return getattr(conf[group], name)
+    except cfg.ConfigFileValueError as e:
+        # oslo.config names the file as a LocationInfo repr; say it plainly.
+        reason = str(e).rpartition(" is not valid: ")[2] or str(e)
+        raise ConfigError(f"invalid value of {name} in [{group}] "
+                          f"({_sources(conf)}): {reason}") from e
+
+
+def _sources(conf: Any) -> str:
+    """The files and directories ``conf`` read, for a message."""
+    return ", ".join([*conf.config_file, *conf.config_dir])
+
+
+def _require_mounts(opts: argparse.Namespace) -> None:
+    if not opts.ovirt_domain_paths:
+        raise ConfigError(
+            f"no mount of the pool: give -p/--path MOUNT, set {PATHS_ENV}, "
+            f"or set ovirt_domain_paths in [{opts.section}] of a "
+            "configuration file")
 
 
 def _open(args: argparse.Namespace) -> StoragePool:
-    return StoragePool.open(_mounts(args), pool_id=args.pool_id)
+    from ovirt_cinder.storage import config
+
+    opts = settings(args)
+    _require_mounts(opts)
+    return config.open_pool(opts)
 
 
 def _or_new(value: str | None) -> str:
@@ -171,9 +320,16 @@ def _or_new(value: str | None) -> str:
 # Commands: pool and domains
 
 def cmd_pool_create(args: argparse.Namespace) -> Output:
-    pool = StoragePool.create(args.target, pool_id=args.new_pool_id,
-                              sd_id=args.domain_id,
-                              description=args.description)
+    from ovirt_cinder.storage import config
+    from ovirt_cinder.storage.pool import StoragePool
+
+    opts = settings(args)
+    # The lease manager prepares the new domain's lease areas (sanlock).
+    pool = StoragePool.create(
+        args.target, pool_id=args.new_pool_id, sd_id=args.domain_id,
+        description=args.description,
+        lease_manager=config.lease_manager(opts),
+        flow_connection=opts.ovirt_flow_connection or None)
     return _created(pool_id=pool.pool_id, master_domain_id=pool.master.sd_id)
 
 
@@ -481,18 +637,59 @@ _COMMANDS = [
 ]
 
 
+def _host_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 250:
+        raise argparse.ArgumentTypeError(
+            f"invalid host id: {text!r} (expected 1-250)")
+    return value
+
+
+# Global options: before the command, or after it unless it owns the flag.
+_GLOBALS = [
+    _arg("-p", "--path", dest="paths", action="append", metavar="MOUNT",
+         help=f"mount holding pool domains (repeatable; default "
+         f"${PATHS_ENV}, colon separated, then ovirt_domain_paths)"),
+    _arg("--pool-id", type=_uuid("pool id"),
+         help="the pool (default ovirt_pool_uuid, or the only pool)"),
+    _arg("--json", action="store_true", help="machine-readable output"),
+    _arg("--progress", action="store_true",
+         help="draw a progress bar on stderr"),
+    _arg("--config-file", dest="config_files", action="append",
+         metavar="PATH",
+         help="a configuration file to read the pool's options from "
+         f"(repeatable; default {DEFAULT_CONFIG_FILE} if it exists)"),
+    _arg("--config-dir", dest="config_dirs", action="append",
+         metavar="DIR", help="read every *.conf of DIR after the files"),
+    _arg("--backend", metavar="NAME",
+         help="read the Cinder backend section [NAME] (unset options "
+         f"from [{CINDER_SHARED_GROUP}]; default file "
+         f"{CINDER_CONFIG_FILE})"),
+    _arg("--glance-store", metavar="NAME",
+         help="read the glance_store backend section [NAME] (default file "
+         f"{GLANCE_CONFIG_FILE})"),
+    _arg("--lease-backend", choices=["local", "sanlock"],
+         help="override ovirt_lease_backend"),
+    _arg("--host-id", type=_host_id, metavar="N",
+         help="override ovirt_host_id (sanlock, 1-250)"),
+    _arg("--flow-connection", metavar="URL",
+         help="override ovirt_flow_connection (logbook; '' for the "
+         "master domain)"),
+    _arg("--lock-path", metavar="DIR", help="override ovirt_lock_path"),
+    _arg("--debug", action="store_true",
+         help="show the traceback of an error"),
+]
+
+
 def _common(own: set[str]) -> argparse.ArgumentParser:
     """Global options also accepted after a command (unless it owns them)."""
     parent = argparse.ArgumentParser(add_help=False)
-    sup = argparse.SUPPRESS
-    if "--path" not in own:
-        parent.add_argument("-p", "--path", dest="paths", action="append",
-                            default=sup, metavar="MOUNT")
-    if "--pool-id" not in own:
-        parent.add_argument("--pool-id", type=_uuid("pool id"),
-                            default=sup)
-    parent.add_argument("--json", action="store_true", default=sup)
-    parent.add_argument("--progress", action="store_true", default=sup)
+    for flags, kwargs in _GLOBALS:
+        if not own.intersection(flags):
+            parent.add_argument(*flags, **kwargs, default=argparse.SUPPRESS)
     return parent
 
 
@@ -514,16 +711,12 @@ def _add_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ovirt-storage", description="oVirt storage pool admin tool")
-    parser.add_argument("-p", "--path", dest="paths", action="append",
-                        metavar="MOUNT",
-                        help=f"mount holding pool domains (default "
-                        f"${PATHS_ENV}, colon separated)")
-    parser.add_argument("--pool-id", type=_uuid("pool id"))
-    parser.add_argument("--json", action="store_true",
-                        help="machine-readable output")
-    parser.add_argument("--progress", action="store_true",
-                        help="draw a progress bar on stderr")
+        prog="ovirt-storage", description="oVirt storage pool admin tool",
+        epilog="The pool's options come from --config-file/--config-dir "
+        f"([{STORAGE_GROUP}], or the section --backend or --glance-store "
+        "names); the flags override them.")
+    for flags, kwargs in _GLOBALS:
+        parser.add_argument(*flags, **kwargs)
     _add_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
@@ -536,15 +729,82 @@ def _print(out: Output, as_json: bool) -> None:
             print(line)
 
 
+_KNOWN = (errors.StorageError, ConfigError, OSError)
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The engine or OS error under a library's wrapper (TaskFlow's
+    ``StorageFailure`` over an ENOSPC while saving the logbook), else
+    ``e``."""
+    seen = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in seen:
+        if isinstance(cause, _KNOWN):
+            return cause
+        seen.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return e
+
+
+def _error(e: BaseException) -> str:
+    """One line saying what went wrong."""
+    e = _cause(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = "" if e.filename is None else str(e.filename)
+        if e.filename2 is not None:
+            where = f"{where} -> {e.filename2}"
+        text = f"{where}: {e.strerror}" if where else e.strerror
+    elif isinstance(e, _KNOWN):
+        text = str(e)
+    else:
+        text = f"unexpected {type(e).__name__}: {e}"
+    return " ".join(text.split()) or type(e).__name__
+
+
+class _OneLine(logging.Formatter):
+    """``warning: <message>`` on one line, without a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = " ".join(record.getMessage().split())
+        return f"{record.levelname.lower()}: {text}"
+
+
+def _setup_logging(debug: bool) -> None:
+    """The engine's warnings as one line each on stderr (Python's last
+    resort handler would print tracebacks); everything with --debug."""
+    if logging.root.handlers:
+        return      # configured by whoever called main()
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("ovirt_cinder").setLevel(logging.DEBUG)
+    else:
+        handler.setFormatter(_OneLine())
+        handler.setLevel(logging.WARNING)
+    logging.root.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     args = build_parser().parse_args(argv)
     args.progress = args.progress or sys.stderr.isatty()
+    # TaskFlow imports eventlet, which warns on stderr that it is
+    # deprecated: nothing the admin can act on.
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+    _setup_logging(args.debug)
     try:
         with _progress(args.progress, sys.stderr):
             out = args.func(args)
-    except errors.StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_error(e)}", file=sys.stderr)
         return 2
     _print(out, args.json)
     return out.rc

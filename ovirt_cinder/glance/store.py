@@ -63,12 +63,12 @@ from oslo_config import cfg
 from oslo_utils import units
 
 from ovirt_cinder.glance import upload
+from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import image
 from ovirt_cinder.storage import inspect
-from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import pool as pool_mod
 
 __all__ = ["Store", "StoreLocation", "UnsafeImageRejected", "OPTIONS",
@@ -81,37 +81,10 @@ SCHEME = "ovirt"
 # Detected formats that a template can serve as a copy-on-write base for.
 COW_BASE_FORMATS = ("raw", "qcow2")
 
-OPTIONS = [
-    cfg.StrOpt("ovirt_pool_uuid",
-               help="""
-The UUID of the storage pool that keeps the images.
-
-The pool is found from the domains under ``ovirt_domain_paths``. When
-those paths hold domains of a single pool, this option may be left unset.
-
-Possible values:
-    * A UUID (the ``POOL_UUID`` of the pool's domains)
-    * Unset, when the paths hold a single pool
-
-Related options:
-    * ``ovirt_domain_paths``
-"""),
-    cfg.ListOpt("ovirt_domain_paths", default=[],
-                help="""
-Mount directories that hold the pool's storage domains.
-
-Each path is a directory containing one or more domain directories
-(``<path>/<sd_id>/dom_md``, ``<path>/<sd_id>/images``), the same paths the
-Cinder backend of the pool is configured with. Glance must be able to
-write there: uploads are staged in a hidden file in these directories.
-
-Possible values:
-    * A comma separated list of absolute paths
-
-Related options:
-    * ``ovirt_pool_uuid``
-    * ``ovirt_store_domain``
-"""),
+# The store's own options; OPTIONS adds them to the options it shares with
+# the Cinder driver and the CLI (config.POOL_OPTS: the pool, its mounts,
+# leases and logbook).
+STORE_OPTS = [
     cfg.StrOpt("ovirt_store_domain",
                help="""
 The storage domain (``sd_id``) new images are written to as templates.
@@ -155,55 +128,9 @@ Possible values:
 Related options:
     * None
 """),
-    cfg.StrOpt("ovirt_lease_backend", default="local",
-               choices=["local", "sanlock"],
-               help="""
-How metadata changes of the pool's domains are fenced.
-
-Use the same backend as every Cinder backend on the same pool: a flock
-(``local``) does not exclude a sanlock holder on another host.
-
-Possible values:
-    * local: flock on the domain's ``dom_md/ids`` (one host)
-    * sanlock: the domain's SDM lease (several hosts)
-
-Related options:
-    * ``ovirt_host_id``
-    * ``ovirt_io_timeout``
-"""),
-    cfg.IntOpt("ovirt_host_id", default=1, min=1, max=250,
-               help="""
-The sanlock host id of this glance-api host.
-
-Possible values:
-    * 1-250, unique among all hosts (Cinder's too) sharing the pool
-
-Related options:
-    * ``ovirt_lease_backend``
-"""),
-    cfg.StrOpt("ovirt_flow_connection", default="",
-               help="""
-Where unfinished storage operations are recorded, to be finished or
-reverted after a crash.
-
-Possible values:
-    * Empty: a directory in the pool's master domain (``master/tasks``)
-    * An SQLAlchemy URL, e.g. ``mysql+pymysql://user:pass@host/flows``
-
-Related options:
-    * Use the same value as every Cinder backend on the same pool
-"""),
-    cfg.IntOpt("ovirt_io_timeout", default=10, min=1,
-               help="""
-The sanlock I/O timeout in seconds.
-
-Possible values:
-    * A number of seconds; joining a domain takes about twice this
-
-Related options:
-    * ``ovirt_lease_backend``
-"""),
 ]
+
+OPTIONS = [*config.POOL_OPTS, *STORE_OPTS]
 
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _URI = re.compile(rf"ovirt://({_UUID})/({_UUID})/({_UUID})/({_UUID})")
@@ -328,16 +255,7 @@ class Store(driver.Store):
         if not opts.ovirt_domain_paths:
             self._bad_config("ovirt_domain_paths is not set")
         try:
-            leases = lease.make_lease_manager(
-                opts.ovirt_lease_backend, host_id=opts.ovirt_host_id,
-                io_timeout=opts.ovirt_io_timeout)
-            pool = pool_mod.StoragePool.open(
-                opts.ovirt_domain_paths, pool_id=opts.ovirt_pool_uuid,
-                lease_manager=leases,
-                flow_connection=opts.ovirt_flow_connection or None)
-            for dom in pool.domains.values():
-                leases.init_domain(dom)
-            return pool
+            return config.open_pool(opts)
         except (errors.StorageError, OSError) as e:
             self._bad_config(f"cannot open the pool: {e}")
 

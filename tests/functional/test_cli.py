@@ -1,21 +1,34 @@
 """The ``ovirt-storage`` CLI on real local-directory domains.
 
-Commands run in-process through ``main()`` (output captured by capsys) and,
-once, as a real ``python -m ovirt_cinder.cmd.storage`` subprocess. Data is
-checked by content with qemu-io on the paths ``image show --json`` gives.
+Commands run in-process through ``main()`` (output captured by capsys) and
+as a real ``python -m ovirt_cinder.cmd.storage`` subprocess where stderr
+must be exactly one ``error:`` line. Data is checked by content with
+qemu-io on the paths ``image show --json`` gives.
+
+The configuration tests write real cinder.conf / glance-api.conf /
+ovirt-storage.conf files; an unfinished flow is left in an SQL logbook by
+a TaskFlow listener that interrupts the flow as its first task starts, so
+only a CLI that reads the logbook named in the file sees it. Read-only and
+full domains are a tmpfs of the test's own (mounted as root).
 """
 
+import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import uuid
 
 import pytest
+from taskflow.types import notifier
 
 from ovirt_cinder.cmd import storage
 from ovirt_cinder.storage import actions
+from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import lease
 from tests import qemuio
 
 MiB = sc.MiB
@@ -25,6 +38,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
 
 def uid():
     return str(uuid.uuid4())
+
+
+@pytest.fixture(autouse=True)
+def own_config(tmp_path, monkeypatch):
+    """In-process runs read a [storage] file of the test's own (as
+    /etc/ovirt-cinder/ovirt-storage.conf) that only keeps the image locks
+    in the test's directory."""
+    path = tmp_path / "default-ovirt-storage.conf"
+    path.write_text(f"[storage]\novirt_lock_path = {tmp_path}/locks\n")
+    monkeypatch.setattr(storage, "DEFAULT_CONFIG_FILE", str(path))
+    return str(path)
 
 
 def run(capsys, *argv, rc=0):
@@ -327,3 +351,400 @@ def test_pool_create_needs_path(capsys):
         storage.main(["pool", "create"])
     assert e.value.code == 2
     assert "--path" in capsys.readouterr().err
+
+
+# Configuration: the CLI reads the services' files
+
+@contextlib.contextmanager
+def _interrupt_first_task(engine):
+    """A FlowRunner listener: stop the flow as its first task starts,
+    leaving it unfinished in the logbook (as a crash would)."""
+    def on_change(event_type, details):
+        if event_type == "RUNNING":
+            raise KeyboardInterrupt
+    engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
+    try:
+        yield
+    finally:
+        engine.atom_notifier.deregister(notifier.Notifier.ANY, on_change)
+
+
+def pool_opts(**values):
+    opts = {o.dest: o.default for o in config.POOL_OPTS}
+    opts.update(values)
+    return argparse.Namespace(**opts)
+
+
+def leave_unfinished_flow(mount, sd, url, lock_path):
+    """One unfinished create_volume in the logbook at ``url``."""
+    pool = config.open_pool(
+        pool_opts(ovirt_domain_paths=[mount], ovirt_flow_connection=url,
+                  ovirt_lock_path=lock_path),
+        listeners=[_interrupt_first_task])
+    img = uid()
+    with pytest.raises(KeyboardInterrupt):
+        pool.create_volume(sd, img, MiB)
+    return img
+
+
+def write_conf(path, text):
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.fixture
+def cinder_conf(tmp_path, mount, cli_pool):
+    """cinder.conf with two backends; the logbook in backend_defaults."""
+    url = f"sqlite:///{tmp_path}/flows.sqlite"
+    path = write_conf(tmp_path / "cinder.conf", f"""
+        [DEFAULT]
+        enabled_backends = ovirt1, ovirt2
+        debug = true
+
+        [backend_defaults]
+        ovirt_flow_connection = {url}
+        ovirt_lock_path = {tmp_path}/locks-shared
+
+        [ovirt1]
+        volume_driver = ovirt_cinder.cinder.driver.OvirtVolumeDriver
+        volume_backend_name = ovirt1
+        ovirt_domain_paths = {mount}
+        ovirt_volume_format = qcow2
+        ovirt_lock_path = {tmp_path}/locks1
+
+        [ovirt2]
+        volume_driver = ovirt_cinder.cinder.driver.OvirtVolumeDriver
+        ovirt_domain_paths = {tmp_path}/missing
+        """)
+    return ["--config-file", path], url
+
+
+def test_backend_section_sql_logbook(capsys, tmp_path, mount, cli_pool,
+                                     cinder_conf):
+    paths, sd = cli_pool
+    conf, url = cinder_conf
+    img = leave_unfinished_flow(mount, sd, url, str(tmp_path / "locks"))
+    assert os.path.exists(tmp_path / "flows.sqlite")
+
+    # Without the configuration the CLI looks in the master domain's
+    # logbook and sees nothing.
+    assert run_json(capsys, *paths, "fsck")["clean"] is True
+
+    # With it: the flow recorded in the SQL logbook (set in
+    # [backend_defaults], which [ovirt1] falls back to).
+    report = run_json(capsys, *conf, "--backend", "ovirt1", "fsck", rc=1)
+    assert [p["kind"] for p in report["problems"]] == ["unfinished-flow"]
+    out, _ = run(capsys, *conf, "--backend", "ovirt1", "recover")
+    assert out != "nothing to recover\n" and out.count("\n") == 1
+    out, _ = run(capsys, *conf, "--backend", "ovirt1", "recover")
+    assert out == "nothing to recover\n"
+    # The recovered create finished or was reverted: fsck is clean.
+    run(capsys, *conf, "--backend", "ovirt1", "fsck")
+    ids = {r["img_id"] for r in run_json(capsys, *conf, "--backend",
+                                         "ovirt1", "image", "list", sd)}
+    assert ids <= {img}
+
+
+def test_backend_section_lock_path(capsys, tmp_path, cli_pool, cinder_conf):
+    _, sd = cli_pool
+    conf, _ = cinder_conf
+    img = run_json(capsys, *conf, "--backend", "ovirt1", "volume", "create",
+                   sd, "--size", "1M")["image_id"]
+    # [ovirt1] sets its own lock path over [backend_defaults]'s.
+    assert f"{sd}.{img}.lock" in os.listdir(tmp_path / "locks1")
+    assert not os.path.exists(tmp_path / "locks-shared")
+
+
+def test_backend_picks_its_section(capsys, tmp_path, mount, cli_pool,
+                                   cinder_conf):
+    conf, _ = cinder_conf
+    shown = run_json(capsys, *conf, "--backend", "ovirt1", "pool", "show")
+    assert shown["master"] == cli_pool[1]
+    _, err = run(capsys, *conf, "--backend", "ovirt2", "pool", "show",
+                 rc=2)
+    assert err.startswith("error: ") and "missing" in err
+    _, err = run(capsys, *conf, "--backend", "ovirt3", "pool", "show",
+                 rc=2)
+    assert err == (f"error: no section [ovirt3] in the configuration "
+                   f"({conf[1]})\n")
+
+
+def test_flags_override_the_file(capsys, tmp_path, mount, cli_pool,
+                                 cinder_conf):
+    _, sd = cli_pool
+    conf, url = cinder_conf
+    leave_unfinished_flow(mount, sd, url, str(tmp_path / "locks"))
+    backend = [*conf, "--backend", "ovirt1"]
+    # -p over [ovirt2]'s missing path.
+    run(capsys, *conf, "--backend", "ovirt2", "-p", mount, "pool", "show")
+    # --flow-connection '' over the SQL logbook: the master domain's.
+    out, _ = run(capsys, *backend, "--flow-connection", "", "recover")
+    assert out == "nothing to recover\n"
+    # --lock-path over [ovirt1]'s.
+    img = run_json(capsys, *backend, "--lock-path", tmp_path / "flag-locks",
+                   "volume", "create", sd, "--size", "1M")["image_id"]
+    assert os.listdir(tmp_path / "flag-locks") == [f"{sd}.{img}.lock"]
+    # The file's logbook still holds the flow.
+    out, _ = run(capsys, *backend, "recover")
+    assert out.count("\n") == 1 and out != "nothing to recover\n"
+
+
+def test_settings_precedence(tmp_path, monkeypatch, mount, mount2):
+    monkeypatch.delenv(storage.PATHS_ENV, raising=False)
+    path = write_conf(tmp_path / "cinder.conf", f"""
+        [backend_defaults]
+        ovirt_host_id = 5
+        ovirt_io_timeout = 3
+        [ovirt1]
+        ovirt_domain_paths = {mount}
+        ovirt_lease_backend = sanlock
+        ovirt_host_id = 7
+        ovirt_lease_timeout = 2.5
+        ovirt_pool_uuid = {uid()}
+        """)
+
+    def settings(*argv):
+        args = storage.build_parser().parse_args(
+            ["--config-file", path, "--backend", "ovirt1", *argv,
+             "pool", "show"])
+        return storage.settings(args)
+
+    opts = settings()
+    assert (opts.ovirt_domain_paths, opts.ovirt_lease_backend,
+            opts.ovirt_host_id, opts.ovirt_io_timeout,
+            opts.ovirt_lease_timeout, opts.ovirt_flow_connection) == (
+        [mount], "sanlock", 7, 3, 2.5, "")
+    pool_id = uid()
+    opts = settings("-p", mount2, "--pool-id", pool_id, "--lease-backend",
+                    "local", "--host-id", "9", "--flow-connection",
+                    "sqlite://", "--lock-path", "/run/x")
+    assert (opts.ovirt_domain_paths, opts.ovirt_pool_uuid,
+            opts.ovirt_lease_backend, opts.ovirt_host_id,
+            opts.ovirt_flow_connection, opts.ovirt_lock_path) == (
+        [mount2], pool_id, "local", 9, "sqlite://", "/run/x")
+    monkeypatch.setenv(storage.PATHS_ENV, f"{mount2}:{mount}")
+    assert settings().ovirt_domain_paths == [mount2, mount]
+    assert settings("-p", mount).ovirt_domain_paths == [mount]
+
+
+def test_own_config_file(capsys, tmp_path, monkeypatch, mount, cli_pool):
+    monkeypatch.delenv(storage.PATHS_ENV, raising=False)
+    _, sd = cli_pool
+    url = f"sqlite:///{tmp_path}/own.sqlite"
+    own = write_conf(tmp_path / "ovirt-storage.conf", f"""
+        [storage]
+        ovirt_domain_paths = {mount}
+        ovirt_flow_connection = {url}
+        ovirt_lock_path = {tmp_path}/locks
+        """)
+    leave_unfinished_flow(mount, sd, url, str(tmp_path / "locks"))
+    monkeypatch.setattr(storage, "DEFAULT_CONFIG_FILE", own)
+    report = run_json(capsys, "fsck", rc=1)
+    assert [p["kind"] for p in report["problems"]] == ["unfinished-flow"]
+    # Not read when another file is given.
+    other = write_conf(tmp_path / "other.conf", f"""
+        [storage]
+        ovirt_domain_paths = {mount}
+        """)
+    assert run_json(capsys, "--config-file", other, "fsck")["clean"]
+    # Not there: -p alone still works.
+    monkeypatch.setattr(storage, "DEFAULT_CONFIG_FILE",
+                        str(tmp_path / "absent.conf"))
+    assert run_json(capsys, "-p", mount, "fsck")["clean"]
+
+
+def test_glance_store_section(capsys, tmp_path, mount, cli_pool):
+    path = write_conf(tmp_path / "glance-api.conf", f"""
+        [DEFAULT]
+        enabled_backends = fast:ovirt, file1:file
+
+        [glance_store]
+        default_backend = fast
+
+        [fast]
+        store_description = templates
+        ovirt_domain_paths = {mount}
+        ovirt_chunk_size = 4194304
+        """)
+    shown = run_json(capsys, "--config-file", path, "--glance-store", "fast",
+                     "pool", "show")
+    assert shown["master"] == cli_pool[1]
+    _, err = run(capsys, "--config-file", path, "--glance-store", "fast",
+                 "--backend", "ovirt1", "pool", "show", rc=2)
+    assert err == "error: give --backend or --glance-store, not both\n"
+
+
+def test_config_dir(capsys, tmp_path, mount, cli_pool):
+    conf_dir = tmp_path / "cinder.conf.d"
+    conf_dir.mkdir()
+    write_conf(conf_dir / "50-ovirt.conf", f"""
+        [ovirt1]
+        ovirt_domain_paths = {mount}
+        """)
+    shown = run_json(capsys, "--config-dir", conf_dir, "--backend", "ovirt1",
+                     "pool", "show")
+    assert shown["master"] == cli_pool[1]
+
+
+class RecordingLeases(lease.LocalLeaseManager):
+    """Local leases that remember the domains they prepared."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.initialised = []
+
+    def init_domain(self, domain):
+        self.initialised.append(domain.sd_id)
+
+
+def test_create_uses_the_lease_backend(capsys, monkeypatch, tmp_path, mount,
+                                       mount2):
+    # The sanlock daemon is a process boundary (tests/functional/sanlock
+    # runs the real one); here: what the CLI asks for, and that the new
+    # domains are prepared (init_domain formats sanlock's areas).
+    made = []
+
+    def make(backend, host_id=1, io_timeout=10, **kwargs):
+        made.append(RecordingLeases(**kwargs))
+        made[-1].args = (backend, host_id, io_timeout, kwargs)
+        return made[-1]
+
+    monkeypatch.setattr(lease, "make_lease_manager", make)
+    path = write_conf(tmp_path / "ovirt-storage.conf", f"""
+        [storage]
+        ovirt_lease_backend = sanlock
+        ovirt_host_id = 4
+        ovirt_io_timeout = 5
+        ovirt_lease_timeout = 3
+        ovirt_lock_path = {tmp_path}/locks
+        """)
+    conf = ["--config-file", path]
+    sd = run_json(capsys, *conf, "pool", "create", "--path",
+                  mount)["master_domain_id"]
+    sd2 = run_json(capsys, *conf, "--host-id", "6", "-p", mount, "domain",
+                   "create", "--path", mount2)["domain_id"]
+    locks = str(tmp_path / "locks")
+    options = {"lease_timeout": 3.0, "lock_path": locks}
+    assert [m.args for m in made] == [("sanlock", 4, 5, options),
+                                      ("sanlock", 6, 5, options)]
+    assert made[0].initialised == [sd]
+    assert made[1].initialised == [sd, sd2]
+
+
+# Errors: one line on stderr, exit 2, never a traceback
+
+def assert_one_error_line(proc, *expected):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def _bad_configs(tmp_path, mount):
+    return {
+        "missing file": (["--config-file", tmp_path / "nope.conf"],
+                         "nope.conf"),
+        "missing dir": (["--config-dir", tmp_path / "nope.d"], "nope.d"),
+        "unparsable": (["--config-file", write_conf(
+            tmp_path / "garbage.conf", "[storage]\nthis is not ini\n")],
+            "garbage.conf"),
+        "bad value": (["--config-file", write_conf(
+            tmp_path / "bad.conf", f"[ovirt1]\novirt_domain_paths = {mount}"
+            "\novirt_host_id = 400\n"), "--backend", "ovirt1"],
+            "ovirt_host_id"),
+        "bad choice": (["--config-file", write_conf(
+            tmp_path / "choice.conf", f"[storage]\novirt_domain_paths = "
+            f"{mount}\novirt_lease_backend = nfs\n")], "ovirt_lease_backend"),
+        "no section": (["--config-file", write_conf(
+            tmp_path / "empty.conf", "[DEFAULT]\n"), "--backend", "ovirt1"],
+            "[ovirt1]"),
+        "missing path": (["-p", tmp_path / "no-such-mount"], "no-such-mount"),
+        "bad pool uuid in file": (["--config-file", write_conf(
+            tmp_path / "uuid.conf", f"[storage]\novirt_domain_paths = "
+            f"{mount}\novirt_pool_uuid = 42\n")], "42"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing file", "missing dir", "unparsable", "bad value", "bad choice",
+    "no section", "missing path", "bad pool uuid in file"])
+def test_config_and_path_errors(tmp_path, mount, case):
+    assert storage.main(["pool", "create", "--path", mount]) == 0
+    argv, expected = _bad_configs(tmp_path, mount)[case]
+    proc = _subprocess(*map(str, argv), "pool", "show", env={})
+    assert_one_error_line(proc, expected)
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 64 MiB tmpfs of our own, to make read-only or full."""
+    path = tmp_path / "small"
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m",
+                           "tmpfs", str(path)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN): "
+                    f"{proc.stderr.strip()}")
+    yield str(path)
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_read_only_domain(capsys, tmp_path, small_mount):
+    data = run_json(capsys, "pool", "create", "--path", small_mount)
+    sd = data["master_domain_id"]
+    subprocess.run(["mount", "-o", "remount,ro", small_mount], check=True)
+    env = {storage.PATHS_ENV: small_mount}
+    args = ["--lock-path", str(tmp_path / "locks")]
+    proc = _subprocess(*args, "volume", "create", sd, "--size", "1M",
+                       env=env)
+    assert_one_error_line(proc, "Read-only file system")
+    proc = _subprocess(*args, "pool", "create", "--path", small_mount,
+                       env=env)
+    assert_one_error_line(proc, "Read-only file system")
+    # Reading still works.
+    proc = _subprocess(*args, "pool", "show", env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_full_master_domain(capsys, tmp_path, small_mount):
+    data = run_json(capsys, "pool", "create", "--path", small_mount)
+    sd = data["master_domain_id"]
+    with open(os.path.join(small_mount, "filler"), "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\1" * MiB)
+    env = {storage.PATHS_ENV: small_mount}
+    proc = _subprocess("--lock-path", str(tmp_path / "locks"), "volume",
+                       "create", sd, "--size", "4M", "--preallocated",
+                       env=env)
+    assert_one_error_line(proc)
+    assert "space" in proc.stderr.lower()
+    # The logbook on the full master is never torn: once space is back,
+    # recovery and fsck work and leave the pool clean.
+    os.unlink(os.path.join(small_mount, "filler"))
+    proc = _subprocess("--lock-path", str(tmp_path / "locks"), "fsck",
+                       "--repair", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_engine_log_is_one_line(capsys, mount, mount2, cli_pool):
+    paths, _ = cli_pool
+    sd2 = run_json(capsys, *paths, "domain", "create", "--path",
+                   mount2)["domain_id"]
+    with open(os.path.join(mount2, sd2, "dom_md", "metadata"), "w") as f:
+        f.write("garbage\n")
+    proc = _subprocess("-p", mount, "-p", mount2, "pool", "show", env={})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "not usable" in lines[0], proc.stderr
+    assert lines[0].startswith("error: Storage domain at ")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _subprocess("--debug", "-p", str(tmp_path / "no-such-mount"),
+                       "pool", "show", env={})
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: ")

@@ -5,6 +5,7 @@ only stand-in is the Glance image service (tests.unit.cinder.fakes). Data
 is written and checked by content with qemu-io.
 """
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -14,13 +15,16 @@ from cinder import exception
 from cinder.tests.unit import fake_snapshot
 from cinder.tests.unit import fake_volume
 from oslo_config import cfg
+from taskflow.types import notifier
 
 from ovirt_cinder import opts
 from ovirt_cinder.cinder import driver as ovirt_driver
 from ovirt_cinder.cinder import options
+from ovirt_cinder.storage import config as pool_config
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage.pool import StoragePool
 from tests import qemuio
 
 MiB, GiB = sc.MiB, sc.GiB
@@ -81,6 +85,7 @@ def test_options_in_backend_defaults(drv, config):
     assert {"ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_volume_format",
             "ovirt_volume_allocation", "ovirt_lease_backend",
             "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
+            "ovirt_lease_timeout", "ovirt_lock_path",
             "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
@@ -90,6 +95,12 @@ def test_options_in_backend_defaults(drv, config):
 def test_list_opts():
     groups = dict(opts.list_opts())
     assert groups["backend_defaults"] == options.OVIRT_OPTS
+
+
+def test_pool_options_are_the_shared_ones():
+    # Declared once in the engine, shared with the Glance store and CLI.
+    assert options.OVIRT_OPTS == [*pool_config.POOL_OPTS, *options.DRIVER_OPTS]
+    assert options.OVIRT_OPTS[0] is pool_config.POOL_OPTS[0]
 
 
 class RecordingLeases(lease.LocalLeaseManager):
@@ -103,23 +114,27 @@ class RecordingLeases(lease.LocalLeaseManager):
         self.initialised.append(domain.sd_id)
 
 
-def test_lease_backend_from_config(config, storage, monkeypatch):
+def test_lease_backend_from_config(config, storage, monkeypatch, tmp_path):
     # The sanlock daemon is a process boundary: the real one is used by
     # tests/functional/sanlock; here only the configuration is checked.
     calls = []
     leases = RecordingLeases()
 
-    def make(backend, host_id, io_timeout):
-        calls.append((backend, host_id, io_timeout))
+    def make(backend, host_id, io_timeout, *, lease_timeout, lock_path):
+        calls.append((backend, host_id, io_timeout, lease_timeout,
+                      lock_path))
         return leases
 
     monkeypatch.setattr(lease, "make_lease_manager", make)
+    locks = str(tmp_path / "host-locks")
     for name, value in [("ovirt_lease_backend", "sanlock"),
-                        ("ovirt_host_id", 7), ("ovirt_io_timeout", 3)]:
+                        ("ovirt_host_id", 7), ("ovirt_io_timeout", 3),
+                        ("ovirt_lease_timeout", 4.5),
+                        ("ovirt_lock_path", locks)]:
         cfg.CONF.set_override(name, value, group="backend_defaults")
     d = ovirt_driver.OvirtVolumeDriver(configuration=config)
     d.do_setup(None)
-    assert calls == [("sanlock", 7, 3)]
+    assert calls == [("sanlock", 7, 3, 4.5, locks)]
     assert d.pool.lease_manager is leases
     assert sorted(leases.initialised) == sorted(storage.domains)
 
@@ -467,3 +482,34 @@ def test_flow_logbook_in_a_database(config, storage, tmp_path):
     assert d.pool.runner.backend.__class__.__name__ == "SQLAlchemyBackend"
     assert os.path.exists(tmp_path / "flows.sqlite")
     assert not os.listdir(os.path.join(storage.master.master_dir))
+
+
+@contextlib.contextmanager
+def _interrupt_first_task(engine):
+    """A flow listener: stop as the first task starts (a crash)."""
+    def on_change(event_type, details):
+        if event_type == "RUNNING":
+            raise KeyboardInterrupt
+    engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
+    try:
+        yield
+    finally:
+        engine.atom_notifier.deregister(notifier.Notifier.ANY, on_change)
+
+
+def test_do_setup_recovers_unfinished_work(config, storage, mounts,
+                                           tmp_path):
+    url = f"sqlite:///{tmp_path}/flows.sqlite"
+    locks = str(tmp_path / "host-locks")
+    for name, value in [("ovirt_flow_connection", url),
+                        ("ovirt_lock_path", locks)]:
+        cfg.CONF.set_override(name, value, group="backend_defaults")
+    crashed = StoragePool.open(
+        mounts, flow_connection=url, listeners=[_interrupt_first_task],
+        lease_manager=lease.LocalLeaseManager(lock_path=locks))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.create_volume(storage.master.sd_id, uid(), MiB)
+    assert len(list(crashed.runner.unfinished())) == 1
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    d.do_setup(None)
+    assert list(d.pool.runner.unfinished()) == []

@@ -24,7 +24,9 @@ from glance_store.tests import base
 
 from ovirt_cinder.glance import store as ovirt_store
 from ovirt_cinder.glance import upload
+from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import lease
 from ovirt_cinder.storage.pool import StoragePool
 from tests.unit.glance import fixtures
 
@@ -91,15 +93,45 @@ class OvirtStoreTest(base.MultiStoreBaseTest):
         groups = dict(multi_backend._list_config_opts())
         names = [o.name for o in groups["ovirt"]]
         self.assertEqual(["ovirt_pool_uuid", "ovirt_domain_paths",
+                          "ovirt_lease_backend", "ovirt_host_id",
+                          "ovirt_io_timeout", "ovirt_flow_connection",
+                          "ovirt_lease_timeout", "ovirt_lock_path",
                           "ovirt_store_domain", "ovirt_max_image_size",
-                          "ovirt_chunk_size", "ovirt_lease_backend",
-                          "ovirt_host_id", "ovirt_flow_connection",
-                          "ovirt_io_timeout"], names)
+                          "ovirt_chunk_size"], names)
         for opt in groups["ovirt"]:
             self.assertIn("Possible values", opt.help)
             self.assertIn("Related options", opt.help)
         self.assertEqual([("ovirt", ovirt_store.OPTIONS)],
                          ovirt_store.list_opts())
+
+    def test_pool_options_are_the_shared_ones(self):
+        # Declared once in the engine: the same objects as Cinder's.
+        self.assertEqual(
+            [*config.POOL_OPTS, *ovirt_store.STORE_OPTS], ovirt_store.OPTIONS)
+        for ours, shared in zip(ovirt_store.OPTIONS, config.POOL_OPTS,
+                                strict=False):
+            self.assertIs(shared, ours)
+
+    def test_pool_options_reach_the_lease_manager(self):
+        calls = []
+        real = lease.make_lease_manager
+
+        def make(backend, host_id=1, io_timeout=10, **kwargs):
+            calls.append((backend, host_id, io_timeout, kwargs))
+            return real("local", **kwargs)
+
+        self.useFixture(test_fixtures.MockPatchObject(
+            lease, "make_lease_manager", make))
+        locks = os.path.join(
+            self.useFixture(test_fixtures.TempDir()).path, "host-locks")
+        self.config(ovirt_lease_backend="sanlock", ovirt_host_id=9,
+                    ovirt_io_timeout=4, ovirt_lease_timeout=7.5,
+                    ovirt_lock_path=locks, group=fixtures.BACKEND)
+        store = ovirt_store.Store(self.conf, backend=fixtures.BACKEND)
+        store.configure(re_raise_bsc=True)
+        self.assertEqual([("sanlock", 9, 4, {"lease_timeout": 7.5,
+                                             "lock_path": locks})], calls)
+        self.assertEqual(locks, store.pool.lease_manager.lock_path)
 
     def test_bad_configuration_disables_add(self):
         self.config(ovirt_domain_paths=[self.mount + "-missing"],
