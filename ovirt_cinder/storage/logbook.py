@@ -36,6 +36,11 @@ not yet linked, a partial ``.tmp-metadata-*`` file, a book directory
 without its ``metadata``. :func:`sweep` removes such things once they are
 older than any save in progress can be.
 
+Updates of an existing flow or atom to PENDING or RUNNING are not written
+(see ``_TRANSIENT``): recovery resumes such an object exactly as it
+resumes the state before, so only the step boundaries that matter (a
+step's end, a failure, a revert) cost a synced write.
+
 Locking: none on disk. Reads need none (a rename is atomic) and each write
 has its own temporary name, so concurrent writers of one object (several
 processes on one host) each publish a whole file and the last rename
@@ -67,6 +72,7 @@ from typing import Any
 
 from oslo_serialization import jsonutils
 from taskflow import exceptions as exc
+from taskflow import states
 from taskflow.persistence import backends
 from taskflow.persistence import base
 from taskflow.persistence import models
@@ -82,6 +88,12 @@ __all__ = [
 ]
 
 METADATA = "metadata"
+# States that a resumed flow treats exactly as the state before them (an
+# atom PENDING or RUNNING is run; a flow PENDING or RUNNING goes on): an
+# update of an existing object to one of them is not written, which
+# saves two fsyncs per step and per flow start and changes nothing that
+# recovery reads.
+_TRANSIENT = frozenset({states.PENDING, states.RUNNING})
 BOOKS = "books"
 FLOWS = "flow_details"
 ATOMS = "atom_details"
@@ -230,10 +242,13 @@ class DurableConnection(impl_dir.Connection):
 
     def _set_item(self, path: str, value: dict[str, Any],
                   transaction: Any) -> None:
+        item = self._join_path(path, METADATA)
+        if value.get("state") in _TRANSIENT and os.path.exists(item):
+            return
         data = jsonutils.dumps(value).encode(self.backend.encoding)
         with _not_found():
             _make_dir(path)
-            _publish(self._join_path(path, METADATA), data)
+            _publish(item, data)
 
     def _del_tree(self, path: str, transaction: Any) -> None:
         with _not_found():
