@@ -121,7 +121,8 @@ CLI) must use the same value, or it does not see the others' unfinished
 work.
 
 Possible values:
-    * Empty: a directory in the pool's master domain (``master/tasks``)
+    * Empty: a directory in the pool's master domain
+      (``master/ovirt-cinder/flows``)
     * An SQLAlchemy URL, e.g. ``mysql+pymysql://user:pass@host/flows``
 
 Related options:

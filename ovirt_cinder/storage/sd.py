@@ -11,7 +11,9 @@ a POSIX or NFS mount point that someone else mounted)::
     <sd_id>/images/<img>/<vol>     volume data, raw or qcow2
     <sd_id>/images/<img>/<vol>.meta   volume metadata (volmeta)
     <sd_id>/images/<img>/<vol>.lease  volume lease
-    <sd_id>/master/                master domain only: pool tasks
+    <sd_id>/master/                master domain only; our logbook of
+                                   unfinished work is in
+                                   master/ovirt-cinder/flows
 
 Work in progress is kept out of sight: a new image is built in
 ``images/.tmp-<img>`` and renamed into place when complete; a deleted one
