@@ -23,7 +23,7 @@ function install_ovirt_cinder {
 function init_ovirt_cinder_pool {
     local path
     local paths=(${OVIRT_CINDER_DOMAIN_PATHS//,/ })
-    for path in "${paths[@]}"; do
+    for path in "${paths[@]}" "$OVIRT_CINDER_LOCK_PATH"; do
         sudo install -d -o "$STACK_USER" "$path"
     done
     "$PYTHON" - "$OVIRT_CINDER_POOL_UUID" "${paths[@]}" <<'PYTHON'
@@ -55,6 +55,8 @@ function configure_ovirt_cinder_backend {
     iniset "$CINDER_CONF" "$name" ovirt_pool_uuid "$OVIRT_CINDER_POOL_UUID"
     iniset "$CINDER_CONF" "$name" ovirt_domain_paths \
         "$OVIRT_CINDER_DOMAIN_PATHS"
+    # Cinder, Glance and ovirt-storage on this host share the image locks.
+    iniset "$CINDER_CONF" "$name" ovirt_lock_path "$OVIRT_CINDER_LOCK_PATH"
 
     local enabled
     enabled=$(iniget "$CINDER_CONF" DEFAULT enabled_backends)
