@@ -7,7 +7,7 @@ engine error                            Cinder exception
 ======================================  ===================================
 ImageNotFound, VolumeNotFound           VolumeNotFound (``volume_id``)
 SnapshotNotFound                        SnapshotNotFound (``snapshot_id``)
-ImageIsBusy                             VolumeIsBusy
+ImageIsBusy (StalePlan), LeaseTimeout   VolumeIsBusy (retry later)
 UnsafeImage (FormatMismatch, ...)       ImageUnacceptable
 InvalidOperation, InvalidParameter      InvalidVolume
 any other StorageError                  VolumeBackendAPIException
@@ -44,7 +44,7 @@ def _cinder_error(e: errors.StorageError, volume_id: str,
         return exception.SnapshotNotFound(snapshot_id=snapshot_id or e)
     if isinstance(e, (errors.ImageNotFound, errors.VolumeNotFound)):
         return exception.VolumeNotFound(volume_id=volume_id or e)
-    if isinstance(e, errors.ImageIsBusy):
+    if isinstance(e, (errors.ImageIsBusy, errors.LeaseTimeout)):
         return exception.VolumeIsBusy(volume_name=volume_id or e)
     if isinstance(e, errors.UnsafeImage):
         return exception.ImageUnacceptable(image_id=image_id, reason=str(e))

@@ -8,6 +8,7 @@ is written and checked by content with qemu-io.
 import contextlib
 import os
 import subprocess
+import threading
 import uuid
 
 import pytest
@@ -178,6 +179,33 @@ def test_delete_volume_with_snapshot_is_busy(drv, ctx, created):
     with pytest.raises(exception.VolumeIsBusy):
         drv.delete_volume(created)
     assert drv.pool.list_images(drv.pool.master.sd_id) == [created.name_id]
+
+
+def test_snapshot_of_a_volume_another_operation_holds_is_busy(drv, ctx,
+                                                             created):
+    """An image lease held elsewhere: a retryable VolumeIsBusy once the
+    lease wait runs out, and nothing changed."""
+    pool = drv.pool
+    dom = pool.domain(pool.find_image(created.name_id))
+    pool.lease_manager.lease_timeout = 0.2
+    held = threading.Event()
+    done = threading.Event()
+
+    def hold():
+        with pool.lease_manager.image_lease(dom, created.name_id):
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(exception.VolumeIsBusy):
+            drv.create_snapshot(new_snapshot(ctx, created))
+    finally:
+        done.set()
+        holder.join()
+    assert pool.image(dom.sd_id, created.name_id).snapshots() == {}
 
 
 def test_deleted_data_not_readable(drv, ctx, sd1, created):
