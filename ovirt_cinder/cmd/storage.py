@@ -554,6 +554,8 @@ def cmd_fsck(args: argparse.Namespace) -> Output:
     report = fsck.repair(pool) if args.repair else fsck.check(pool)
     lines = [f"recovered flow {n}: {o}" for n, o in report.recovered]
     lines += [f"removed {p.kind}: {p.path}" for p in report.repaired]
+    lines += [f"quarantined {p.kind}: {p.path} ({p.detail})"
+              for p in report.quarantined]
     if report.clean:
         lines.append("clean")
     else:
