@@ -32,6 +32,7 @@ from oslo_config import cfg
 
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import lease
+from ovirt_cinder.storage import qemuimg
 
 if TYPE_CHECKING:
     from ovirt_cinder.storage.pool import StoragePool
@@ -156,6 +157,30 @@ Possible values:
 Related options:
     * ``ovirt_lease_timeout``
 """),
+    cfg.FloatOpt("ovirt_qemu_img_timeout", default=120, min=1,
+                 help="""
+How long, in seconds, a short ``qemu-img`` command (info, create, resize,
+an unsafe rebase) may run before it is killed and the operation fails.
+
+Possible values:
+    * A number of seconds, at least 1
+
+Related options:
+    * ``ovirt_copy_stall_timeout``
+"""),
+    cfg.FloatOpt("ovirt_copy_stall_timeout", default=600, min=1,
+                 help="""
+How long, in seconds, a copy (``qemu-img convert``, ``commit``, a safe
+``rebase``) may go without progress before it is killed and the operation
+fails. A copy that keeps moving data is never killed, however long it
+takes.
+
+Possible values:
+    * A number of seconds, at least 1
+
+Related options:
+    * ``ovirt_qemu_img_timeout``
+"""),
 ]
 
 
@@ -185,6 +210,8 @@ def open_pool(opts: Any, *, recover: bool = False,
         raise errors.InvalidParameter(
             name="ovirt_domain_paths", value=[],
             reason="no mount directory of the pool is configured")
+    qemuimg.set_timeouts(opts.ovirt_qemu_img_timeout,
+                         opts.ovirt_copy_stall_timeout)
     leases = lease_manager(opts)
     pool = StoragePool.open(
         opts.ovirt_domain_paths, pool_id=opts.ovirt_pool_uuid or None,

@@ -19,11 +19,13 @@ from taskflow.types import notifier
 from ovirt_cinder.storage import config
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import lease
+from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
 
 SHARED = ["ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_lease_backend",
           "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
-          "ovirt_lease_timeout", "ovirt_lock_path"]
+          "ovirt_lease_timeout", "ovirt_lock_path", "ovirt_qemu_img_timeout",
+          "ovirt_copy_stall_timeout"]
 MiB = 1024 * 1024
 
 
@@ -89,6 +91,8 @@ def test_pool_opts():
     assert lock_path.default == "/var/lib/ovirt-cinder/locks"
     assert by_name["ovirt_lease_backend"].type.choices == {
         "local": None, "sanlock": None}
+    assert by_name["ovirt_qemu_img_timeout"].default == 120
+    assert by_name["ovirt_copy_stall_timeout"].default == 600
     for opt in config.POOL_OPTS:
         assert "Possible values" in opt.help, opt.name
         assert "Related options" in opt.help, opt.name
@@ -216,3 +220,13 @@ def test_open_pool_needs_mounts():
 def test_open_pool_missing_mount(tmp_path):
     with pytest.raises((errors.StorageError, OSError)):
         config.open_pool(opts(ovirt_domain_paths=[str(tmp_path / "no")]))
+
+
+def test_open_pool_sets_qemu_img_timeouts(mounts, storage, monkeypatch):
+    monkeypatch.setattr(qemuimg, "QUICK_TIMEOUT", qemuimg.QUICK_TIMEOUT)
+    monkeypatch.setattr(qemuimg, "STALL_TIMEOUT", qemuimg.STALL_TIMEOUT)
+    config.open_pool(opts(ovirt_domain_paths=mounts[:1],
+                          ovirt_pool_uuid=storage.pool_id,
+                          ovirt_qemu_img_timeout=7,
+                          ovirt_copy_stall_timeout=9))
+    assert (qemuimg.QUICK_TIMEOUT, qemuimg.STALL_TIMEOUT) == (7, 9)

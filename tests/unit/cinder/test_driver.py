@@ -87,6 +87,7 @@ def test_options_in_backend_defaults(drv, config):
             "ovirt_volume_allocation", "ovirt_lease_backend",
             "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
             "ovirt_lease_timeout", "ovirt_lock_path",
+            "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
             "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
