@@ -92,17 +92,44 @@ def op_delete(pool, ctx):
     pool.delete_image(ctx["sd"], ctx["img"])
 
 
+def op_update_volume(pool, ctx):
+    # b0 has two children (b0's side branch and the leaf): deleting it
+    # only hides the snapshot in the volume's description.
+    pool.delete_snapshot(ctx["sd"], ctx["img_b"], ctx["b_snaps"][0])
+
+
+def op_remove_volume(pool, ctx):
+    # b2 is childless, on a side branch over an anonymous layer that only
+    # it keeps alive: both volumes are removed.
+    pool.delete_snapshot(ctx["sd"], ctx["img_b"], ctx["b_snaps"][2])
+
+
+def op_copy_thin(pool, ctx):
+    # An image over a template: the template is copied first (its own
+    # flow), then the image, linking the template copy in.
+    pool.copy_image(ctx["sd"], ctx["thin"], ctx["sd2"])
+
+
 OPS = {name[3:]: fn for name, fn in globals().items()
        if name.startswith("op_")}
 
 
 def killer(task_name, state):
-    """A listener factory: SIGKILL this process at (task, state)."""
+    """A listener factory: SIGKILL this process at (task, state).
+
+    ``task_name`` may end in ``#N``: the Nth task of that name the
+    operation runs (an operation that runs several flows, such as a copy
+    that copies a template first, repeats names)."""
+    name, _, nth = task_name.partition("#")
+    seen = [0]
+
     @contextlib.contextmanager
     def listen(engine):
         def on_change(event, details):
-            if details.get("task_name") == task_name and event == state:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if details.get("task_name") == name and event == state:
+                seen[0] += 1
+                if seen[0] == int(nth or 1):
+                    os.kill(os.getpid(), signal.SIGKILL)
         engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
         try:
             yield
