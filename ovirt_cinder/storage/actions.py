@@ -405,6 +405,17 @@ def do_resize(ctx: Context, sd_id: str, img_id: str, vol_id: str,
                    preallocation=prealloc)
 
 
+def undo_resize(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                size: int) -> None:
+    """Shrink back what do_resize grew: the part past the capacity the
+    metadata still records, up to ``size`` (new and never written)."""
+    vol = _volume(ctx, sd_id, img_id, vol_id)
+    current = qemuimg.info(vol.path, vol.qemu_format).virtual_size
+    if vol.meta.capacity < current <= size:
+        qemuimg.resize(vol.path, vol.meta.capacity, fmt=vol.qemu_format,
+                       shrink=True)
+
+
 def do_export(ctx: Context, sd_id: str, img_id: str, vol_id: str,
               dst: str, fmt: str) -> None:
     """Copy a volume's whole view into a file outside the domain."""

@@ -36,11 +36,16 @@ def atomic_write(path: str, data: bytes, mode: int = 0o660) -> None:
     tmp = path + sc.NEW_EXT
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        # ENOSPC, EIO: the old content stays and nothing is left behind.
+        remove_file(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 

@@ -342,18 +342,19 @@ def thin_clone(sd_id: str, tmpl_img_id: str, tmpl_vol_id: str,
 
 def extend(sd_id: str, img_id: str, vol_id: str, gen: int,
            size: int) -> linear_flow.Flow:
-    """Grow the leaf. A failed resize leaves the data as it was (qemu-img
-    resize either grows the volume or fails), so extend stays revertable
-    until its final metadata write."""
+    """Grow the leaf. A resize that fails (or whose step fails after it)
+    is undone: the volume shrinks back to the capacity its metadata
+    still records, dropping only the new, empty part. Once the final
+    metadata write starts, the flow only goes forward."""
     return _flow("extend", [
         Step("update_volume", name="invalidate", sd_id=sd_id,
              img_id=img_id, vol_id=vol_id, expect=_plan(gen),
              changes={"legality": "ILLEGAL"}, undo={"legality": "LEGAL"}),
-        Step("resize", undo_action="noop", sd_id=sd_id, img_id=img_id,
-             vol_id=vol_id, size=size),
-        Step("update_volume", name="validate", undo_action="noop",
-             sd_id=sd_id, img_id=img_id, vol_id=vol_id,
-             changes={"legality": "LEGAL", "capacity": size}),
+        Step("resize", sd_id=sd_id, img_id=img_id, vol_id=vol_id,
+             size=size),
+        *_forward(Step("update_volume", name="validate", sd_id=sd_id,
+                       img_id=img_id, vol_id=vol_id,
+                       changes={"legality": "LEGAL", "capacity": size})),
     ])
 
 
