@@ -39,7 +39,10 @@ older than any save in progress can be.
 Updates of an existing flow or atom to PENDING or RUNNING are not written
 (see ``_TRANSIENT``): recovery resumes such an object exactly as it
 resumes the state before, so only the step boundaries that matter (a
-step's end, a failure, a revert) cost a synced write.
+step's end, a failure, a revert) cost a synced write. An update that
+leaves a file's content as it is but for an atom's progress (TaskFlow
+saves an atom for its state, again for its progress and again with its
+flow) is not written either.
 
 Locking: none on disk. Reads need none (a rename is atomic) and each write
 has its own temporary name, so concurrent writers of one object (several
@@ -138,6 +141,36 @@ def _publish(path: str, data: bytes) -> None:
         fileutil.remove_file(tmp)
         raise
     fileutil.fsync_dir(directory)
+
+
+def _content(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _same_state(old: bytes | None, new: bytes) -> bool:
+    """Whether ``new`` differs from ``old`` at most in an atom's progress
+    (which recovery never reads)."""
+    if old is None:
+        return False
+    if old == new:
+        return True
+    try:
+        return _without_progress(old) == _without_progress(new)
+    except ValueError:
+        return False
+
+
+def _without_progress(raw: bytes) -> Any:
+    data = json.loads(raw)
+    meta = data.get("atom", {}).get("meta") if isinstance(data, dict) \
+        else None
+    if isinstance(meta, dict):
+        meta.pop("progress", None)
+    return data
 
 
 def _make_dir(path: str) -> bool:
@@ -243,9 +276,12 @@ class DurableConnection(impl_dir.Connection):
     def _set_item(self, path: str, value: dict[str, Any],
                   transaction: Any) -> None:
         item = self._join_path(path, METADATA)
-        if value.get("state") in _TRANSIENT and os.path.exists(item):
+        state = value.get("atom", value).get("state")
+        if state in _TRANSIENT and os.path.exists(item):
             return
         data = jsonutils.dumps(value).encode(self.backend.encoding)
+        if _same_state(_content(item), data):
+            return      # TaskFlow saves the same object again and again
         with _not_found():
             _make_dir(path)
             _publish(item, data)
