@@ -37,14 +37,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 
 from taskflow.types import notifier
@@ -342,20 +340,9 @@ OPS = {name[3:]: fn for name, fn in globals().items()
 
 
 def digest(vol, scratch=None):
-    """sha256 of a volume's guest view (its whole chain), read through a
-    raw copy made outside the domains (which may be full)."""
-    fd, out = tempfile.mkstemp(dir=scratch or _scratch(), suffix=".view")
-    os.close(fd)
-    try:
-        qemuimg.convert(vol.path, out, src_fmt=vol.qemu_format,
-                        dst_fmt="raw")
-        h = hashlib.sha256()
-        with open(out, "rb") as f:
-            for block in iter(lambda: f.read(MiB), b""):
-                h.update(block)
-        return h.hexdigest()
-    finally:
-        os.unlink(out)
+    """sha256 of a volume's guest view (its whole chain)."""
+    return qemuio.view_digest(vol.path, vol.qemu_format,
+                              scratch or _scratch())
 
 
 def _scratch():

@@ -13,7 +13,6 @@ has one legal leaf and validates, and that fsck finds the pool clean.
 
 import collections
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -29,7 +28,6 @@ from taskflow.types import notifier
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import lease
-from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
 from tests import qemuio
 from tests.functional.conftest import leftovers
@@ -48,17 +46,8 @@ MINIMUM = {"snapshot": 6, "delete_snapshot": 3, "revert": 2, "clone": 2,
 
 
 def digest(vol, scratch):
-    out = os.path.join(scratch, f"view-{uuid.uuid4()}.raw")
-    try:
-        qemuimg.convert(vol.path, out, src_fmt=vol.qemu_format,
-                        dst_fmt="raw")
-        h = hashlib.sha256()
-        with open(out, "rb") as f:
-            for block in iter(lambda: f.read(MiB), b""):
-                h.update(block)
-        return h.hexdigest()
-    finally:
-        os.unlink(out)
+    """sha256 of a volume's whole guest view."""
+    return qemuio.view_digest(vol.path, vol.qemu_format, scratch)
 
 
 def open_pool(mounts, lock_path, timeout=60.0):

@@ -19,7 +19,6 @@ The view of a new snapshot is hashed under the image lease right after
 the snapshot returned, so it is the view the caller was promised.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,6 @@ from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import lease
-from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
 from tests import qemuio
 
@@ -53,21 +51,8 @@ class Skip(Exception):
 
 
 def digest(vol, scratch):
-    """sha256 of a volume's whole guest view (raw)."""
-    out = os.path.join(scratch, f"view-{uuid.uuid4()}.raw")
-    try:
-        qemuimg.convert(vol.path, out, src_fmt=vol.qemu_format,
-                        dst_fmt="raw")
-        h = hashlib.sha256()
-        with open(out, "rb") as f:
-            for block in iter(lambda: f.read(MiB), b""):
-                h.update(block)
-        return h.hexdigest()
-    finally:
-        try:
-            os.unlink(out)
-        except FileNotFoundError:
-            pass
+    """sha256 of a volume's whole guest view."""
+    return qemuio.view_digest(vol.path, vol.qemu_format, scratch)
 
 
 def open_pool(cfg):
