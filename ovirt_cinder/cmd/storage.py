@@ -9,6 +9,8 @@ command (except ``--path`` of ``pool create`` and ``domain create``, which
 names the mount to create in)::
 
     ovirt-storage pool create --path /mnt/a
+    ovirt-storage pool create --path /mnt/n --type NFS \\
+        --remote-path server:/export --file-owner vdsm --file-group kvm
     ovirt-storage -p /mnt/a pool show
     ovirt-storage -p /mnt/a volume create SD --size 1G --format qcow2
     ovirt-storage -p /mnt/a image show SD IMG --json
@@ -43,8 +45,10 @@ Configuration
 
     Flags win over the files: ``-p`` (then ``OVIRT_STORAGE_PATHS``) over
     ``ovirt_domain_paths``, ``--pool-id``, ``--lease-backend``,
-    ``--host-id``, ``--flow-connection`` and ``--lock-path`` over their
-    options. Every service sharing the pool must agree on the lease
+    ``--host-id``, ``--flow-connection``, ``--lock-path``,
+    ``--file-owner`` and ``--file-group`` over their options (the last
+    two own what ``pool create``, ``domain create`` and every operation
+    create). Every service sharing the pool must agree on the lease
     backend, the logbook and (on one host) the lock path, so an admin
     command should read the services' configuration instead of repeating
     it.
@@ -104,6 +108,9 @@ _FORMATS = {"raw": sc.VolumeFormat.RAW, "qcow2": sc.VolumeFormat.COW}
 _UNITS = {"": 1, "K": sc.KiB, "M": sc.MiB, "G": sc.GiB, "T": 1024 * sc.GiB}
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _BAR_WIDTH = 30
+# ``volume import --max-virtual-size``: the Cinder driver's default limit
+# (ovirt_max_image_virtual_size_gb = 1024).
+DEFAULT_MAX_VIRTUAL_SIZE = 1024 * sc.GiB
 
 
 @dataclasses.dataclass
@@ -243,7 +250,10 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
         ("ovirt_lease_backend", "lease_backend"),
         ("ovirt_host_id", "host_id"),
         ("ovirt_flow_connection", "flow_connection"),
-        ("ovirt_lock_path", "lock_path")] if getattr(args, flag) is not None})
+        ("ovirt_lock_path", "lock_path"),
+        ("ovirt_file_owner", "file_owner"),
+        ("ovirt_file_group", "file_group")]
+        if getattr(args, flag, None) is not None})
     paths = args.paths or [
         p for p in os.environ.get(PATHS_ENV, "").split(":") if p]
     if paths:
@@ -328,8 +338,11 @@ def cmd_pool_create(args: argparse.Namespace) -> Output:
     pool = StoragePool.create(
         args.target, pool_id=args.new_pool_id, sd_id=args.domain_id,
         description=args.description,
+        domain_type=sc.DomainType(args.domain_type),
+        remote_path=args.remote_path or "",
         lease_manager=config.lease_manager(opts),
-        flow_connection=opts.ovirt_flow_connection or None)
+        flow_connection=opts.ovirt_flow_connection or None,
+        ownership=config.ownership(opts))
     return _created(pool_id=pool.pool_id, master_domain_id=pool.master.sd_id)
 
 
@@ -366,13 +379,35 @@ def cmd_pool_show(args: argparse.Namespace) -> Output:
 def cmd_domain_create(args: argparse.Namespace) -> Output:
     pool = _open(args)
     dom = pool.add_domain(args.target, sd_id=args.domain_id,
-                          description=args.description)
+                          description=args.description,
+                          domain_type=sc.DomainType(args.domain_type),
+                          remote_path=args.remote_path or "")
     return _created(domain_id=dom.sd_id, pool_id=pool.pool_id)
 
 
 def cmd_domain_list(args: argparse.Namespace) -> Output:
     rows = _domain_rows(_open(args))
     return Output(rows, _domains_table(rows))
+
+
+def cmd_domain_attach(args: argparse.Namespace) -> Output:
+    pool = _open(args)
+    dom = pool.attach_domain(args.domain_path, force=args.force)
+    md = dom.metadata
+    out = _created(domain_id=dom.sd_id, pool_id=pool.pool_id)
+    out.data.update(version=md.version, mount=dom.mount)
+    out.lines.append(f"add {dom.mount} to the pool's mounts (-p, "
+                     "ovirt_domain_paths) to open it with the pool")
+    if md.version < sc.DOMAIN_VERSION:
+        out.lines.append(f"format V{md.version}: read only until "
+                         f"`domain upgrade {dom.sd_id}`")
+    return out
+
+
+def cmd_domain_upgrade(args: argparse.Namespace) -> Output:
+    dom = _open(args).upgrade_domain(args.domain)
+    return Output({"sd_id": dom.sd_id, "version": dom.metadata.version},
+                  [f"domain {dom.sd_id}: V{dom.metadata.version}"])
 
 
 # Commands: images
@@ -385,7 +420,11 @@ def _image_row(pool: StoragePool, sd_id: str, img_id: str) -> dict:
     except errors.StorageError as e:
         row.update(error=str(e))
         return row
-    row.update(volumes=len(list(tree.own_volumes())),
+    # Every volume of the directory: its own and the SHARED template
+    # volumes linked in (a thin clone's base).
+    shared = [v for v in tree.volumes.values()
+              if v.meta.voltype == sc.VolumeType.SHARED]
+    row.update(volumes=len(tree.volumes), shared=len(shared),
                snapshots=len(tree.snapshots()), format=top.qemu_format,
                capacity=top.meta.capacity,
                template=tree.template() is not None, error=None)
@@ -397,8 +436,9 @@ def cmd_image_list(args: argparse.Namespace) -> Output:
     rows = [_image_row(pool, args.domain, i)
             for i in pool.list_images(args.domain)]
     return Output(rows, _table(
-        ["IMAGE", "VOLUMES", "SNAPSHOTS", "FORMAT", "CAPACITY", "TEMPLATE"],
-        [[r["img_id"], r.get("volumes"), r.get("snapshots"),
+        ["IMAGE", "VOLUMES", "SHARED", "SNAPSHOTS", "FORMAT", "CAPACITY",
+         "TEMPLATE"],
+        [[r["img_id"], r.get("volumes"), r.get("shared"), r.get("snapshots"),
           r.get("format"), _human_size(r["capacity"]) if "capacity" in r
           else "broken: " + r["error"],
           ("yes" if r["template"] else "no") if "template" in r else None]
@@ -468,7 +508,8 @@ def cmd_volume_create(args: argparse.Namespace) -> Output:
 def cmd_volume_import(args: argparse.Namespace) -> Output:
     pool = _open(args)
     pool.domain(args.domain)
-    found = inspect.inspect_untrusted(args.file)
+    found = inspect.inspect_untrusted(
+        args.file, max_virtual_size=args.max_virtual_size)
     capacity = -(-found.virtual_size // sc.BLOCK_SIZE_512) * \
         sc.BLOCK_SIZE_512
     img_id = _or_new(args.image_id)
@@ -588,17 +629,34 @@ _DESCRIPTION = _arg("--description", default="")
 _TEMPLATE = _arg("--template", action="store_true",
                  help="a template (SHARED volume)")
 _SIZE = _arg("--size", type=parse_size, help="bytes, or 512M, 1G, ...")
+# What oVirt records as the domain's TYPE and REMOTE_PATH.
+_DOMAIN_TYPE = _arg("--type", dest="domain_type", default="LOCALFS",
+                    choices=["NFS", "POSIXFS", "GLUSTERFS", "LOCALFS"],
+                    help="the domain's TYPE (default LOCALFS)")
+_REMOTE_PATH = _arg("--remote-path", metavar="SPEC",
+                    help="the domain's REMOTE_PATH: server:/export for NFS, "
+                    "the device or spec of a POSIX or Gluster mount "
+                    "(default: the mount path)")
 
 _COMMANDS = [
     ("pool create", cmd_pool_create, "create a pool and its master domain",
      [_arg("--path", dest="target", metavar="MOUNT", required=True),
       _arg("--pool-id", dest="new_pool_id", type=_uuid("pool id")),
-      _NEW_DOMAIN, _DESCRIPTION]),
+      _NEW_DOMAIN, _DESCRIPTION, _DOMAIN_TYPE, _REMOTE_PATH]),
     ("pool show", cmd_pool_show, "show the pool and its domains", []),
     ("domain create", cmd_domain_create, "add a domain to the pool",
      [_arg("--path", dest="target", metavar="MOUNT", required=True),
-      _NEW_DOMAIN, _DESCRIPTION]),
+      _NEW_DOMAIN, _DESCRIPTION, _DOMAIN_TYPE, _REMOTE_PATH]),
     ("domain list", cmd_domain_list, "list the domains", []),
+    ("domain attach", cmd_domain_attach,
+     "attach a detached oVirt data domain to the pool",
+     [_arg("domain_path", metavar="PATH",
+           help="the domain directory, MOUNT/SD_ID"),
+      _arg("--force", action="store_true",
+           help="attach a domain that names another pool (only when no "
+           "host of that pool uses it any more)")]),
+    ("domain upgrade", cmd_domain_upgrade,
+     "upgrade a V3/V4 domain to V5 in place", [_DOMAIN]),
     ("image list", cmd_image_list, "list the images of a domain",
      [_DOMAIN]),
     ("image show", cmd_image_show, "show the volume tree", [_DOMAIN, _IMAGE]),
@@ -625,7 +683,11 @@ _COMMANDS = [
       _format("qcow2"), _arg("--preallocated", action="store_true"),
       _TEMPLATE]),
     ("volume import", cmd_volume_import, "a new image from an image file",
-     [_DOMAIN, _arg("file"), _NEW_IMAGE, _TEMPLATE, _format("raw")]),
+     [_DOMAIN, _arg("file"), _NEW_IMAGE, _TEMPLATE, _format("raw"),
+      _arg("--max-virtual-size", type=parse_size,
+           default=DEFAULT_MAX_VIRTUAL_SIZE,
+           help="refuse a larger image (default 1T, as the Cinder "
+           "driver's ovirt_max_image_virtual_size_gb)")]),
     ("snapshot create", cmd_snapshot_create, "freeze the leaf",
      [_DOMAIN, _IMAGE, _arg("--snapshot-id", type=_uuid("snapshot id"))]),
     ("snapshot delete", cmd_snapshot_delete, "drop (merge) a snapshot",
@@ -681,6 +743,12 @@ _GLOBALS = [
          help="override ovirt_flow_connection (logbook; '' for the "
          "master domain)"),
     _arg("--lock-path", metavar="DIR", help="override ovirt_lock_path"),
+    _arg("--file-owner", metavar="USER",
+         help="override ovirt_file_owner (owner of new files: a name or "
+         "uid, e.g. vdsm or 36)"),
+    _arg("--file-group", metavar="GROUP",
+         help="override ovirt_file_group (group of new files: a name or "
+         "gid, e.g. kvm or 36)"),
     _arg("--debug", action="store_true",
          help="show the traceback of an error"),
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -43,7 +44,9 @@ from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import image
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage import sd
+from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import volmeta
+from ovirt_cinder.storage import xlease
 
 Progress = Callable[[float], None]
 
@@ -121,7 +124,7 @@ def do_make_image_dir(ctx: Context, sd_id: str, img_id: str) -> None:
     with ctx.sdm(ctx.domain(sd_id)) as dom:
         if dom.has_image(img_id):
             raise errors.ImageExists(sd_id=dom.sd_id, img_id=img_id)
-        os.makedirs(dom.tmp_image_dir(img_id), exist_ok=True)
+        dom.make_dir(dom.tmp_image_dir(img_id))
 
 
 def undo_make_image_dir(ctx: Context, sd_id: str, img_id: str) -> None:
@@ -187,7 +190,7 @@ def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
             sequence=sequence)
         dom.write_volume_meta(img_id, vol_id, meta, directory)
         path = dom.volume_path(img_id, vol_id, directory)
-        fileutil.create_sparse(path + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
+        dom.create_volume_lease(path + sc.LEASE_EXT, vol_id)
     _create_data(dom, img_id, path, meta, directory)
     if legal:
         with ctx.sdm(dom):
@@ -204,7 +207,7 @@ def _create_data(dom, img_id, path, meta, directory) -> None:
     else:
         qemuimg.create(path, meta.format.qemu, meta.capacity,
                        preallocation=prealloc)
-    os.chmod(path, 0o660)
+    dom.own_file(path)
 
 
 def undo_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
@@ -389,7 +392,7 @@ def do_convert(ctx: Context, src_sd_id: str, src_img_id: str,
                     backing=backing, backing_fmt=backing_fmt,
                     copy_offload=offload and backing is None,
                     preallocation=prealloc, progress=ctx.on_progress)
-    os.chmod(dst, 0o660)
+    dom.own_file(dst)
     cap = dst_meta.capacity
     if cap > qemuimg.info(dst, fmt).virtual_size:
         qemuimg.resize(dst, cap, fmt=fmt)
@@ -438,7 +441,7 @@ def do_import(ctx: Context, sd_id: str, img_id: str, vol_id: str, src: str,
     qemuimg.convert(src, dst, src_fmt=src_fmt, dst_fmt=meta.format.qemu,
                     preallocation=_PREALLOC.get((meta.format, meta.type)),
                     progress=ctx.on_progress)
-    os.chmod(dst, 0o660)
+    dom.own_file(dst)
 
 
 def do_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str, *,
@@ -469,8 +472,8 @@ def do_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str, *,
             disktype=disktype, ctime=int(time.time()))
         dom.write_volume_meta(img_id, vol_id, meta, directory)
         fileutil.remove_file(dst + sc.LEASE_EXT)
-        fileutil.create_sparse(dst + sc.LEASE_EXT, sc.VOLUME_LEASE_SIZE)
-        os.chmod(src, 0o660)
+        dom.create_volume_lease(dst + sc.LEASE_EXT, vol_id)
+        dom.own_file(src)
         os.rename(src, dst)
         fileutil.fsync_dir(directory)
 
@@ -482,3 +485,185 @@ def undo_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
 
 def noop(*_args: Any, **_kwargs: Any) -> None:
     """The undo of steps whose effect is undone by an earlier undo."""
+
+
+# Format upgrade (V3/V4 to V5), in vdsm's order (formatconverter.py), so
+# that every crash leaves a domain that oVirt and this engine read:
+#
+# 1. upgrade_v4 (V3 only): create and format ``dom_md/xleases``, then
+#    ``VERSION=4``;
+# 2. convert_volumes_metadata: every ``.meta`` gains ``CAP`` and keeps
+#    ``SIZE`` and ``MTIME``: still a V4 record (a reader takes CAP when it
+#    is there); skipped once the domain is V5;
+# 3. convert_metadata: one atomic write of ``VERSION=5``, ``BLOCK_SIZE=
+#    512``, ``ALIGNMENT=1048576``, without ``LOGBLKSIZE``/``PHYBLKSIZE``;
+# 4. finalize_volumes_metadata: every ``.meta`` rewritten as V5 (``SEQ``,
+#    no ``SIZE``/``MTIME``); until then the leftovers are ignored.
+#
+# Each step reads the version from storage under the SDM lease and does
+# only what is left. Records that do not parse are skipped with a warning,
+# as vdsm skips them. Data files are never touched.
+
+_LOG = logging.getLogger(__name__)
+
+
+def _disk_metadata(dom: sd.FileDomain) -> sdmeta.DomainMetadata:
+    """The domain metadata as on storage now (``dom`` is updated)."""
+    dom.metadata = sd.FileDomain.open(dom.path).metadata
+    return dom.metadata
+
+
+def do_upgrade_v4(ctx: Context, sd_id: str) -> None:
+    """V3 to V4: an external leases volume with an empty index, then the
+    version (vdsm's v4DomainConverter; an existing xleases is reused)."""
+    dom = ctx.domain(sd_id)
+    with ctx.sdm(dom):
+        md = _disk_metadata(dom)
+        if md.version >= 4:
+            return
+        path = dom.dom_md("xleases")
+        if not os.path.exists(path):
+            fileutil.create_sparse(path, 0, **dom.ownership.ids)
+        # A V4 domain is always 512-byte blocks and 1 MiB alignment.
+        xlease.format_index(path, dom.sd_id, alignment=sc.ALIGNMENT,
+                            block_size=sc.BLOCK_SIZE_512)
+        dom.write_metadata(sdmeta.upgraded(md, 4))
+
+
+def do_convert_volumes_metadata(ctx: Context, sd_id: str) -> None:
+    """Add ``CAP`` to every V4 volume record (still V4)."""
+    dom = ctx.domain(sd_id)
+    with ctx.sdm(dom):
+        version = _disk_metadata(dom).version
+    if version >= sc.DOMAIN_VERSION:
+        return
+    if version != 4:
+        raise errors.InvalidOperation(
+            operation="convert volume metadata",
+            reason=f"domain {sd_id} is V{version}, not V4")
+    _rewrite_volumes(ctx, dom, _with_capacity)
+
+
+def _with_capacity(data: bytes, meta: volmeta.VolumeMetadata,
+                   path: str) -> bytes | None:
+    if "CAP" in volmeta.record_keys(data, path):
+        return None
+    return volmeta.legacy_bytes(meta, capacity=True)
+
+
+def do_convert_metadata(ctx: Context, sd_id: str) -> None:
+    """V4 to V5 in one domain metadata write."""
+    dom = ctx.domain(sd_id)
+    with ctx.sdm(dom):
+        md = _disk_metadata(dom)
+        if md.version >= sc.DOMAIN_VERSION:
+            return
+        if md.version != 4:
+            raise errors.InvalidOperation(
+                operation="convert domain metadata",
+                reason=f"domain {sd_id} is V{md.version}, not V4")
+        dom.write_metadata(sdmeta.upgraded(md, sc.DOMAIN_VERSION))
+
+
+def do_finalize_volumes_metadata(ctx: Context, sd_id: str) -> None:
+    """Rewrite every volume record of a V5 domain in the V5 format."""
+    dom = ctx.domain(sd_id)
+    with ctx.sdm(dom):
+        version = _disk_metadata(dom).version
+    if version != sc.DOMAIN_VERSION:
+        raise errors.InvalidOperation(
+            operation="finalize volume metadata",
+            reason=f"domain {sd_id} is V{version}, not V5")
+    _rewrite_volumes(ctx, dom, _v5_record)
+
+
+def _v5_record(data: bytes, meta: volmeta.VolumeMetadata,
+               path: str) -> bytes | None:
+    new = meta.to_bytes()
+    return None if data.rstrip(b"\0") == new else new
+
+
+_Convert = Callable[[bytes, volmeta.VolumeMetadata, str], "bytes | None"]
+
+
+def _rewrite_volumes(ctx: Context, dom: sd.FileDomain,
+                     convert: _Convert) -> None:
+    """Rewrite each volume record with ``convert(data, meta, path)``
+    (None: keep it), one image at a time under the SDM lease.
+
+    A template's record that other images share by hard links is
+    converted once, in its own image, then linked again into the others
+    (link and rename: atomic), so the images keep sharing one file.
+    """
+    shared = []
+    for img_id in dom.list_images():
+        with ctx.sdm(dom):
+            for vol_id, path, data, meta in _records(dom, img_id):
+                if meta.image != img_id:
+                    shared.append((img_id, vol_id, meta.image))
+                    continue
+                new = convert(data, meta, path)
+                if new is not None:
+                    fileutil.atomic_write(path, new, **dom.ownership.ids)
+    for img_id, vol_id, owner_img in shared:
+        with ctx.sdm(dom):
+            _rewrite_shared(dom, img_id, vol_id, owner_img, convert)
+
+
+def _records(dom: sd.FileDomain, img_id: str) -> Iterator[tuple]:
+    """(vol_id, path, bytes, metadata) of each readable record."""
+    try:
+        vol_ids = dom.list_volumes(img_id)
+    except errors.ImageNotFound:
+        return      # removed meanwhile
+    for vol_id in vol_ids:
+        found = _record(dom, img_id, vol_id)
+        if found is not None:
+            yield (vol_id, *found)
+
+
+def _record(dom: sd.FileDomain, img_id: str, vol_id: str
+            ) -> tuple[str, bytes, volmeta.VolumeMetadata] | None:
+    path = dom.volume_path(img_id, vol_id) + sc.META_EXT
+    try:
+        with open(path, "rb") as f:
+            data = f.read(sc.METADATA_SIZE + 1)
+        meta = volmeta.VolumeMetadata.from_bytes(data, path)
+    except FileNotFoundError:
+        return None
+    except errors.MetadataError as e:
+        _LOG.warning("Skipping volume %s with invalid metadata: %s",
+                     vol_id, e)
+        return None
+    if len(meta.description) > sc.DESCRIPTION_SIZE:
+        # vdsm truncates such a description whenever it reads it.
+        _LOG.warning("Truncating the description of volume %s to %d "
+                     "characters", vol_id, sc.DESCRIPTION_SIZE)
+        meta = meta.replace(
+            description=meta.description[:sc.DESCRIPTION_SIZE].strip())
+    return path, data, meta
+
+
+def _rewrite_shared(dom: sd.FileDomain, img_id: str, vol_id: str,
+                    owner_img: str, convert: _Convert) -> None:
+    found = _record(dom, img_id, vol_id)
+    if found is None:
+        return
+    path, data, meta = found
+    owner = dom.volume_path(owner_img, vol_id)
+    try:
+        linked = os.path.samefile(owner, dom.volume_path(img_id, vol_id))
+        owner_meta = os.path.exists(owner + sc.META_EXT)
+    except FileNotFoundError:
+        linked = False      # the template image is gone: convert here
+    if linked and owner_meta:
+        if not os.path.samefile(owner + sc.META_EXT, path):
+            tmp = path + sc.NEW_EXT
+            fileutil.remove_file(tmp)
+            os.link(owner + sc.META_EXT, tmp)
+            os.rename(tmp, path)
+            fileutil.fsync_dir(os.path.dirname(path))
+        return
+    new = convert(data, meta, path)
+    if new is not None:
+        fileutil.atomic_write(path, new, **dom.ownership.ids)

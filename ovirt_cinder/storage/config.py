@@ -12,6 +12,8 @@ here, as :data:`POOL_OPTS`; each service adds its own options to them::
     ovirt_host_id = 3
     ovirt_flow_connection = mysql+pymysql://user:pass@db/ovirt_flows
     ovirt_lock_path = /var/lib/ovirt-cinder/locks
+    ovirt_file_owner = vdsm
+    ovirt_file_group = kvm
 
 :func:`open_pool` opens the pool such a section describes. It takes any
 object with the options as attributes: an oslo.config group, a Cinder
@@ -33,11 +35,12 @@ from oslo_config import cfg
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage import sd
 
 if TYPE_CHECKING:
     from ovirt_cinder.storage.pool import StoragePool
 
-__all__ = ["POOL_OPTS", "open_pool", "lease_manager"]
+__all__ = ["POOL_OPTS", "open_pool", "lease_manager", "ownership"]
 
 POOL_OPTS = [
     cfg.StrOpt("ovirt_pool_uuid",
@@ -181,6 +184,36 @@ Possible values:
 Related options:
     * ``ovirt_qemu_img_timeout``
 """),
+    cfg.StrOpt("ovirt_file_owner",
+               help="""
+The owner of the files and directories the engine creates in the pool's
+domains (new domains, images, volume data, metadata and leases).
+
+oVirt hosts run vdsm as user ``vdsm`` (uid 36) and expect it to own a
+domain's files; set this where the domains are shared with oVirt. Every
+service sharing the pool should use the same value. Changing the owner
+needs root (or CAP_CHOWN).
+
+Possible values:
+    * Unset: files belong to the user of the process that creates them
+    * A user name (``vdsm``) or a numeric uid (``36``)
+
+Related options:
+    * ``ovirt_file_group``
+"""),
+    cfg.StrOpt("ovirt_file_group",
+               help="""
+The group of the files and directories the engine creates in the pool's
+domains. Files are mode 0660 and directories 0775 whatever the umask, so
+the group can read and write them.
+
+Possible values:
+    * Unset: the group of the process that creates them
+    * A group name (``kvm``) or a numeric gid (``36``, oVirt's ``kvm``)
+
+Related options:
+    * ``ovirt_file_owner``
+"""),
 ]
 
 
@@ -191,6 +224,13 @@ def lease_manager(opts: Any) -> lease.LeaseManager:
         io_timeout=opts.ovirt_io_timeout,
         lease_timeout=opts.ovirt_lease_timeout,
         lock_path=opts.ovirt_lock_path)
+
+
+def ownership(opts: Any) -> sd.Ownership:
+    """The owner and group ``opts`` configure for new files (names are
+    resolved on this host); raises :class:`errors.InvalidParameter`."""
+    return sd.Ownership.resolve(getattr(opts, "ovirt_file_owner", None),
+                                getattr(opts, "ovirt_file_group", None))
 
 
 def open_pool(opts: Any, *, recover: bool = False,
@@ -217,7 +257,7 @@ def open_pool(opts: Any, *, recover: bool = False,
         opts.ovirt_domain_paths, pool_id=opts.ovirt_pool_uuid or None,
         lease_manager=leases,
         flow_connection=opts.ovirt_flow_connection or None,
-        listeners=listeners)
+        listeners=listeners, ownership=ownership(opts))
     for dom in pool.domains.values():
         leases.init_domain(dom)
     if recover:

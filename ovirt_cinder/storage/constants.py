@@ -27,16 +27,26 @@ BLOCK_SIZE_512 = 512
 BLOCK_SIZE_4K = 4096
 ALIGNMENT = 1 * MiB
 
-# Sizes of the special files of a file domain (created sparse).
-IDS_SIZE = 1 * MiB
-LEASES_SIZE = 2048 * MiB
-XLEASES_SIZE = 1024 * MiB
+# Sizes of the special files of a new file domain, as vdsm creates them:
+# ids, leases and xleases start empty and grow by the lease writes (ids to
+# 1 x ALIGNMENT, leases to 2 x, xleases to 1 x + the index); inbox and
+# outbox are sparse.
+IDS_SIZE = 0
+LEASES_SIZE = 0
+XLEASES_SIZE = 0
 INBOX_SIZE = 16 * MiB
 OUTBOX_SIZE = 16 * MiB
+# A volume's .lease holds one resource: 1 x the domain's ALIGNMENT.
 VOLUME_LEASE_SIZE = 1 * MiB
-# The domain-manager ("SDM") lease offset in dom_md/leases.
+# The domain-manager ("SDM") lease is in dom_md/leases at slot 1, i.e. at
+# 1 x the domain's ALIGNMENT (1, 2, 4 or 8 MiB); slot 0 stays empty.
 SDM_LEASE_NAME = "SDM"
-SDM_LEASE_OFFSET = 1 * ALIGNMENT
+SDM_LEASE_SLOT = 1
+
+# Modes of what a domain holds, set explicitly whatever the umask (vdsm's
+# FILE_VOLUME_PERMISSIONS and METADATA_PERMISSIONS; directories 0775).
+FILE_MODE = 0o660
+DIR_MODE = 0o775
 
 DOM_MD = "dom_md"
 IMAGES = "images"

@@ -150,6 +150,13 @@ class FormatMismatch(UnsafeImage):
     msg = "Image {path} declared as {declared} but is {actual}"
 
 
+class CorruptImage(UnsafeImage):
+    """The image's structure is damaged (``qemu-img check`` found
+    corruptions or could not check it, or the header is marked corrupt)."""
+
+    msg = "Image {path} is damaged: {reason}"
+
+
 class StalePlan(ImageIsBusy):
     """Another host changed the image between planning and doing."""
 
@@ -223,3 +230,18 @@ class NotQcow2(Qcow2HeaderError):
     """The file does not start with the qcow2 magic."""
 
     msg = "{path} is not a qcow2 image: {reason}"
+
+
+class DomainNeedsUpgrade(StorageError):
+    """A V3 or V4 domain: read, never changed, until it is upgraded."""
+
+    msg = ("Storage domain {sd_id} has format V{version}; the engine "
+           "changes only V5 domains: upgrade it first with "
+           "`ovirt-storage domain upgrade {sd_id}` "
+           "(StoragePool.upgrade_domain)")
+
+
+class DomainAttached(StorageError):
+    """A domain that cannot be attached to this pool as it is."""
+
+    msg = "Storage domain {sd_id} is attached to pool {pool_id}: {reason}"

@@ -31,12 +31,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o660) -> None:
-    """Publish ``data`` at ``path`` via ``path.new`` + fsync + rename."""
+def atomic_write(path: str, data: bytes, mode: int = sc.FILE_MODE, *,
+                 uid: int = -1, gid: int = -1) -> None:
+    """Publish ``data`` at ``path`` via ``path.new`` + fsync + rename.
+
+    The file gets ``mode`` whatever the umask, and the owner ``uid`` and
+    group ``gid`` (-1: as the process creates it) before it is renamed.
+    """
     tmp = path + sc.NEW_EXT
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         try:
+            _set_owner_mode(fd, mode, uid, gid)
             _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -56,13 +62,23 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def create_sparse(path: str, size: int, mode: int = 0o660) -> None:
-    """Create ``path`` (never an existing one) as a sparse file."""
+def create_sparse(path: str, size: int, mode: int = sc.FILE_MODE, *,
+                  uid: int = -1, gid: int = -1) -> None:
+    """Create ``path`` (never an existing one) as a sparse file, with
+    ``mode`` whatever the umask and the owner ``uid``:``gid``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        _set_owner_mode(fd, mode, uid, gid)
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def _set_owner_mode(fd: int, mode: int, uid: int, gid: int) -> None:
+    # The umask masked the mode os.open was given.
+    os.fchmod(fd, mode)
+    if uid != -1 or gid != -1:
+        os.fchown(fd, uid, gid)
 
 
 def remove_file(path: str) -> bool:

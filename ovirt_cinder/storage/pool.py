@@ -40,6 +40,7 @@ from ovirt_cinder.storage import image
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage import sd
+from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import validate
 
 __all__ = ["StoragePool", "FLOWS_DIR"]
@@ -59,10 +60,15 @@ class StoragePool:
                  lease_manager: lease.LeaseManager | None = None,
                  flow_connection: str | None = None,
                  listeners: Iterable[Callable[[Any], Any]] = (),
-                 broken: dict[str, errors.StorageError] | None = None
-                 ) -> None:
+                 broken: dict[str, errors.StorageError] | None = None,
+                 ownership: sd.Ownership | None = None) -> None:
         self.pool_id = validate.check_uuid(pool_id, "pool id")
         self.domains = {d.sd_id: d for d in domains}
+        # Who owns what the engine creates (ovirt_file_owner/_group).
+        self.ownership = ownership or sd.Ownership()
+        if ownership is not None:
+            for dom in self.domains.values():
+                dom.ownership = ownership
         self.lease_manager = lease_manager or lease.LocalLeaseManager()
         self.broken = dict(broken or {})
         self._flow_connection = flow_connection
@@ -101,26 +107,96 @@ class StoragePool:
     def create(cls, mount: str, *, pool_id: str | None = None,
                sd_id: str | None = None, description: str = "",
                domain_type: sc.DomainType = sc.DomainType.LOCALFS,
+               remote_path: str = "",
                **kwargs: Any) -> StoragePool:
-        """Create a pool with its master domain in ``mount``."""
+        """Create a pool with its master domain in ``mount``.
+
+        ``domain_type`` and ``remote_path`` (``server:/export`` for NFS;
+        default ``mount``) are written as oVirt writes TYPE and
+        REMOTE_PATH; ``ownership`` (a keyword of the pool) owns the files.
+        """
         pool_id = pool_id or validate.new_uuid()
         master = sd.create_domain(
             mount, sd_id=sd_id or validate.new_uuid(), pool_id=pool_id,
             description=description, domain_type=domain_type,
-            role=sc.DomainRole.MASTER)
+            role=sc.DomainRole.MASTER, remote_path=remote_path,
+            ownership=kwargs.get("ownership"),
+            io_timeout=_io_timeout(kwargs.get("lease_manager")))
         pool = cls(pool_id, [master], **kwargs)
         pool.lease_manager.init_domain(master)
         return pool
 
     def add_domain(self, mount: str, *, sd_id: str | None = None,
                    description: str = "",
-                   domain_type: sc.DomainType = sc.DomainType.LOCALFS
-                   ) -> sd.FileDomain:
+                   domain_type: sc.DomainType = sc.DomainType.LOCALFS,
+                   remote_path: str = "") -> sd.FileDomain:
         dom = sd.create_domain(
             mount, sd_id=sd_id or validate.new_uuid(), pool_id=self.pool_id,
-            description=description, domain_type=domain_type)
+            description=description, domain_type=domain_type,
+            remote_path=remote_path, ownership=self.ownership,
+            io_timeout=_io_timeout(self.lease_manager))
         self.lease_manager.init_domain(dom)
         self.domains[dom.sd_id] = dom
+        return dom
+
+    def attach_domain(self, path: str, *,
+                      force: bool = False) -> sd.FileDomain:
+        """Make the oVirt data domain in ``path`` (``<mount>/<sd_id>``) a
+        regular domain of this pool; return it.
+
+        The domain must be detached (``POOL_UUID`` empty), or, with
+        ``force``, name another pool none of whose hosts use it any more
+        (the caller's promise, as oVirt's "import domain" forced detach:
+        nothing here can see that pool's hosts). One metadata write under
+        the domain's SDM lease sets ``POOL_UUID`` and ``ROLE=Regular``
+        (``MASTER_VERSION=0`` when a former master has it) and keeps
+        every other key (:func:`sdmeta.attached`); images are not
+        touched. Refused: another class than Data, a domain already in
+        this pool, a bad checksum, a version this engine cannot read. A
+        V3 or V4 domain is read as it is and changed only once
+        :meth:`upgrade_domain` made it V5. Later :meth:`open` finds it
+        when its mount is among the pool's mounts.
+        """
+        dom = sd.FileDomain.open(os.path.abspath(path))
+        self._check_attachable(dom.metadata, force)
+        dom.ownership = self.ownership
+        self.lease_manager.init_domain(dom)
+        with self.lease_manager.domain_lease(dom):
+            # What another host may have written meanwhile.
+            md = sd.FileDomain.open(dom.path).metadata
+            self._check_attachable(md, force)
+            dom.write_metadata(sdmeta.attached(md, self.pool_id))
+        LOG.info("Attached storage domain %s (V%d, was pool %r) to pool "
+                 "%s", dom.sd_id, md.version, md.pool_id, self.pool_id)
+        self.domains[dom.sd_id] = dom
+        return dom
+
+    def _check_attachable(self, md: sdmeta.DomainMetadata,
+                          force: bool) -> None:
+        if md.cls != sc.DomainClass.DATA:
+            raise errors.InvalidOperation(
+                operation=f"attach domain {md.sd_id}",
+                reason=f"it is a {md.cls} domain; only Data domains hold "
+                "volumes")
+        if md.sd_id in self.domains or md.pool_id == self.pool_id:
+            raise errors.DomainAttached(
+                sd_id=md.sd_id, pool_id=self.pool_id,
+                reason="it is already in this pool" + (
+                    "" if md.sd_id in self.domains else
+                    "; add its mount to the pool's mounts"))
+        if not sdmeta.is_detached(md) and not force:
+            raise errors.DomainAttached(
+                sd_id=md.sd_id, pool_id=md.pool_id,
+                reason="detach it in oVirt first, or force the attach "
+                "if no host of that pool uses it any more")
+
+    def upgrade_domain(self, sd_id: str) -> sd.FileDomain:
+        """Upgrade a V3 or V4 domain of the pool to V5 in place (the
+        ``upgrade_domain`` flow, crash safe: see :mod:`flows`); on a V5
+        domain, rewrite any volume record still in the V4 format."""
+        dom = self.domain(sd_id)
+        self.runner.run(flows.upgrade_domain, self.context,
+                        domains=[dom.sd_id], images=[], sd_id=dom.sd_id)
         return dom
 
     # Domains and flows
@@ -172,6 +248,8 @@ class StoragePool:
              **kwargs: Any) -> None:
         """Run a flow; the caller holds ``images``' leases."""
         images = list(images)
+        for dom in {d.sd_id: d for d, _ in images}.values():
+            _require_current_format(dom)
         self.runner.run(factory, self.context,
                         domains=sorted({d.sd_id for d, _ in images}),
                         images=[(d.sd_id, i) for d, i in images], **kwargs)
@@ -423,14 +501,15 @@ class StoragePool:
               fmt: sc.VolumeFormat | None = None,
               prealloc: sc.Preallocation = sc.Preallocation.SPARSE,
               vol_id: str | None = None) -> image.Volume:
-        """A new image holding a full copy of the leaf or a snapshot."""
+        """A new image holding a full copy of the leaf or a snapshot (of
+        a template image: of its SHARED volume, as a normal LEAF)."""
         src_dom = self.domain(sd_id)
         dst_dom = self.domain(dst_sd_id or sd_id)
         img_id = validate.check_uuid(img_id, "image id")
         images = [(src_dom, src_img_id), (dst_dom, img_id)]
         with self._operation(images):
             tree = self._checked(src_dom, src_img_id)
-            src = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+            src = tree.find_snapshot(snap_id) if snap_id else _top(tree)
             size = _check_size(max(size or 0, src.meta.capacity))
             fmt = fmt or src.meta.format
             vol_id = self._new_volume_id(vol_id)
@@ -462,23 +541,40 @@ class StoragePool:
             return self.image(sd_id, img_id).get(vol_id)
 
     def copy_image(self, sd_id: str, img_id: str, dst_sd_id: str, *,
-                   move: bool = False) -> image.ImageTree:
-        """Copy an image with its snapshots to another domain."""
+                   move: bool = False,
+                   template_copy: bool = False) -> image.ImageTree:
+        """Copy an image with its snapshots (or a template image) to
+        another domain.
+
+        ``template_copy`` copies a template image for the thin clones of
+        the target domain: the copy's DESCRIPTION names the domain of the
+        original (``copy``; the original's own ``copy`` if it is a copy
+        itself) so that :meth:`collect_template_copy` can remove it once
+        unused, and an image already in the target (another caller's
+        copy, made while this one waited for the leases) is reused. The
+        templates an image depends on are copied this way first.
+        """
         src_dom, dst_dom = self.domain(sd_id), self.domain(dst_sd_id)
         if src_dom is dst_dom:
             raise errors.InvalidOperation(operation="copy image",
                                           reason="same domain")
         images = [(src_dom, img_id), (dst_dom, img_id)]
         with self._operation(images):
+            if template_copy and dst_dom.has_image(img_id):
+                return self.image(dst_sd_id, img_id)
             tree = self._checked(src_dom, img_id)
+            volumes = _volumes_in_order(tree)
+            if template_copy:
+                volumes = _marked_copy(tree, src_dom.sd_id, volumes)
             templates = [v for v in tree.volumes.values()
                          if v.meta.image != img_id]
             for t in templates:
                 if not dst_dom.has_image(t.meta.image):
-                    self.copy_image(sd_id, t.meta.image, dst_sd_id)
+                    self.copy_image(sd_id, t.meta.image, dst_sd_id,
+                                    template_copy=True)
             self._run(flows.copy_image, images, src_sd_id=src_dom.sd_id,
                       img_id=img_id, sd_id=dst_dom.sd_id,
-                      volumes=_volumes_in_order(tree),
+                      volumes=volumes,
                       templates=[{"img_id": t.meta.image,
                                   "vol_id": t.vol_id} for t in templates],
                       remove_source=move)
@@ -487,11 +583,12 @@ class StoragePool:
     def export_volume(self, sd_id: str, img_id: str, dst: str, *,
                       fmt: str = "raw",
                       snap_id: str | None = None) -> None:
-        """Write the leaf's (or a snapshot's) whole view into ``dst``."""
+        """Write the leaf's (a snapshot's, a template's) whole view into
+        ``dst``."""
         dom = self.domain(sd_id)
         with self._operation([(dom, img_id)]):
             tree = self._checked(dom, img_id)
-            vol = tree.find_snapshot(snap_id) if snap_id else tree.leaf()
+            vol = tree.find_snapshot(snap_id) if snap_id else _top(tree)
             actions.do_export(self.context, dom.sd_id, img_id, vol.vol_id,
                               dst, fmt)
 
@@ -526,6 +623,50 @@ class StoragePool:
                       img_id=img_id)
             return True
 
+    def collect_template_copy(self, sd_id: str, img_id: str) -> bool:
+        """Remove a template copy that nothing needs; True if removed.
+
+        Only a copy made with ``copy_image(template_copy=True)`` is
+        removed, under its image lease, and only when no image links its
+        volume (its data file has one hard link: thin clones hold one
+        each) and its original is gone from the domain the copy names.
+        Without that domain (not open here) the copy stays. A marked copy
+        in the domain named (copied back there after the original went)
+        is not the original.
+        """
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            if not dom.has_image(img_id):
+                return False
+            tmpl = self.image(sd_id, img_id).template()
+            origin = (description.get(tmpl.meta.description, "copy")
+                      if tmpl is not None else None)
+            if origin is None:
+                return False
+            if os.stat(tmpl.path).st_nlink > 1:
+                return False
+            src = self.domains.get(origin)
+            if src is None or self._has_original(src, img_id):
+                return False
+            LOG.info("Removing unused copy %s of template %s in domain %s "
+                     "(the original in domain %s is gone)", tmpl.vol_id,
+                     img_id, sd_id, origin)
+            self._run(flows.remove_image, [(dom, img_id)], sd_id=dom.sd_id,
+                      img_id=img_id)
+            return True
+
+    def _has_original(self, dom: sd.FileDomain, img_id: str) -> bool:
+        """Whether ``dom`` holds ``img_id`` as other than a template copy
+        (anything unreadable counts as the original)."""
+        if not dom.has_image(img_id):
+            return False
+        try:
+            tmpl = self.image(dom.sd_id, img_id).template()
+        except (errors.StorageError, OSError):
+            return True
+        return (tmpl is None
+                or description.get(tmpl.meta.description, "copy") is None)
+
     def _new_volume_id(self, vol_id: str | None,
                        tree: image.ImageTree | None = None) -> str:
         if vol_id is None:
@@ -536,12 +677,50 @@ class StoragePool:
         return vol_id
 
 
+def _require_current_format(dom: sd.FileDomain) -> None:
+    """Refuse to change a V3 or V4 domain: the engine writes V5 records
+    (read again from storage first: another host may have upgraded it)."""
+    if dom.metadata.version >= sc.DOMAIN_VERSION:
+        return
+    dom.metadata = sd.FileDomain.open(dom.path).metadata
+    if dom.metadata.version < sc.DOMAIN_VERSION:
+        raise errors.DomainNeedsUpgrade(sd_id=dom.sd_id,
+                                        version=dom.metadata.version)
+
+
+def _io_timeout(leases: lease.LeaseManager | None) -> int:
+    """The I/O timeout to record in a new domain's lockspace: the sanlock
+    manager's (joining waits 2 x the recorded one), else vdsm's."""
+    return getattr(leases, "io_timeout", sd.LOCKSPACE_IO_TIMEOUT)
+
+
 def _check_size(size: int) -> int:
     if not isinstance(size, int) or size <= 0 or size % sc.BLOCK_SIZE_512:
         raise errors.InvalidParameter(
             name="size", value=size,
             reason="a positive multiple of 512 bytes")
     return size
+
+
+def _top(tree: image.ImageTree) -> image.Volume:
+    """The volume whose view is the image: a template's SHARED volume,
+    else the leaf."""
+    return tree.template() or tree.leaf()
+
+
+def _marked_copy(tree: image.ImageTree, src_sd_id: str,
+                 volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``volumes`` of a template image with DESCRIPTION ``copy`` naming
+    the domain of the original."""
+    tmpl = tree.template()
+    if tmpl is None:
+        raise errors.InvalidOperation(
+            operation="copy template",
+            reason=f"image {tree.img_id} is not a template")
+    origin = description.get(tmpl.meta.description, "copy") or src_sd_id
+    return [{**v, "description": description.update(v["description"],
+                                                    copy=origin)}
+            for v in volumes]
 
 
 def _next_sequence(tree: image.ImageTree) -> int:

@@ -6,16 +6,20 @@ and alignment of the domain's metadata (``BLOCK_SIZE``, ``ALIGNMENT``)::
     dom_md/ids        lockspace <sd_id>: one delta lease per host id
                       (1..250), written by each host's daemon every
                       io_timeout*2 s while it is joined
-    dom_md/leases     resource "SDM" at SDM_LEASE_OFFSET (1 x ALIGNMENT):
-                      the domain-manager lease held around every metadata
+    dom_md/leases     resource "SDM" at 1 x ALIGNMENT (SDM_LEASE_SLOT): the
+                      domain-manager lease held around every metadata
                       change
     images/<img>/<vol>.lease
                       resource <vol_id> at offset 0: the volume lease
 
-Life cycle: :meth:`SanlockLeaseManager.init_domain` formats the lockspace
-and the SDM resource once, after the domain is created (it reads first and
-never rewrites a valid lease, so it is safe to call again on a live
-domain). :meth:`~SanlockLeaseManager.join` adds the lockspace with this
+Life cycle: the engine writes the lockspace, the SDM resource and each
+volume's resource when it creates the domain and the volume
+(:func:`sd.create_domain`, with the ``sanlock`` program), whatever the
+backend; :meth:`SanlockLeaseManager.init_domain` reads them and leaves
+valid ones alone, and formats areas of zeros (a domain made without the
+program, or by an older release) through the daemon, as
+:meth:`~SanlockLeaseManager.volume_lease` does for a volume's lease on
+first use. :meth:`~SanlockLeaseManager.join` adds the lockspace with this
 host's id; it blocks about ``2 * io_timeout + 1`` seconds and is done once
 per domain (lease calls join on first use). A lease call registers the
 process with the daemon once (the registration fd lives as long as the
@@ -313,7 +317,8 @@ class SanlockLeaseManager(lease.LeaseManager):
 
     def _sdm(self, domain) -> _Resource:
         return _Resource(domain.sd_id, sc.SDM_LEASE_NAME,
-                         domain.dom_md("leases"), sc.SDM_LEASE_OFFSET)
+                         domain.dom_md("leases"),
+                         sc.SDM_LEASE_SLOT * domain.metadata.alignment)
 
     def _held_resource(self, domain, lock_name: str,
                        res: _Resource) -> contextlib.AbstractContextManager:

@@ -4,16 +4,29 @@ A file domain lives in a directory ``<mount>/<sd_id>`` (a local directory,
 a POSIX or NFS mount point that someone else mounted)::
 
     <sd_id>/dom_md/metadata        KEY=value lines + _SHA_CKSUM (sdmeta)
-    <sd_id>/dom_md/ids             lockspace (sanlock; flock for local)
+    <sd_id>/dom_md/ids             sanlock lockspace <sd_id> at 0 (the
+                                   flock of the local backend, too)
     <sd_id>/dom_md/leases          resources; "SDM" at 1 x ALIGNMENT
-    <sd_id>/dom_md/xleases         external leases
-    <sd_id>/dom_md/inbox, outbox   16 MiB each, kept for compatibility
+    <sd_id>/dom_md/xleases         external leases: an empty index at
+                                   1 x ALIGNMENT (xlease)
+    <sd_id>/dom_md/inbox, outbox   16 MiB each (sparse), kept for
+                                   compatibility
     <sd_id>/images/<img>/<vol>     volume data, raw or qcow2
     <sd_id>/images/<img>/<vol>.meta   volume metadata (volmeta)
-    <sd_id>/images/<img>/<vol>.lease  volume lease
+    <sd_id>/images/<img>/<vol>.lease  sanlock resource <vol> at 0
     <sd_id>/master/                master domain only; our logbook of
                                    unfinished work is in
                                    master/ovirt-cinder/flows
+
+The lease areas are written as vdsm writes them when it creates a domain
+and its volumes (:func:`create_domain`, :meth:`FileDomain.
+create_volume_lease`), whatever the lease backend, with the ``sanlock``
+program (:mod:`sanlock_direct`, no daemon needed): ``ids``, ``leases``
+and every ``.lease`` are ALIGNMENT long (``leases`` 2 x), ``xleases``
+ALIGNMENT + the index. Files are mode 0660 and directories 0775 whatever
+the umask, owned by :class:`Ownership` (``ovirt_file_owner`` and
+``ovirt_file_group``; vdsm:kvm, 36:36, where oVirt hosts share the
+domain).
 
 Work in progress is kept out of sight: a new image is built in
 ``images/.tmp-<img>`` and renamed into place when complete; a deleted one
@@ -27,18 +40,30 @@ operations in :mod:`actions` under the domain lease.
 from __future__ import annotations
 
 import dataclasses
+import grp
+import logging
 import os
+import pwd
 import time
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
+from ovirt_cinder.storage import sanlock_direct
 from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import validate
 from ovirt_cinder.storage import volmeta
+from ovirt_cinder.storage import xlease
 
-__all__ = ["FileDomain", "DomainStats", "find_domains", "scan_domains",
-           "create_domain"]
+__all__ = ["FileDomain", "DomainStats", "Ownership", "find_domains",
+           "scan_domains", "create_domain"]
+
+LOG = logging.getLogger(__name__)
+
+# The I/O timeout recorded in a new lockspace (vdsm's sanlock io_timeout).
+# sanlock waits 2 x the recorded one when a host first joins, so the pool
+# records its sanlock lease manager's own.
+LOCKSPACE_IO_TIMEOUT = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +71,46 @@ class DomainStats:
     total: int
     free: int
     used: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ownership:
+    """The owner and group of what the engine creates in a domain; -1
+    leaves the one the process creates with."""
+
+    uid: int = -1
+    gid: int = -1
+
+    @classmethod
+    def resolve(cls, owner: str | int | None = None,
+                group: str | int | None = None) -> Ownership:
+        """From user and group names or numeric ids (``"vdsm"``,
+        ``"36"``); None or empty: unchanged."""
+        return cls(uid=_resolve_id(owner, "file owner", pwd.getpwnam),
+                   gid=_resolve_id(group, "file group", grp.getgrnam))
+
+    @property
+    def ids(self) -> dict[str, int]:
+        return {"uid": self.uid, "gid": self.gid}
+
+    def chown(self, path: str) -> None:
+        if self.uid != -1 or self.gid != -1:
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+
+def _resolve_id(value: str | int | None, name: str, lookup) -> int:
+    if value is None or value == "":
+        return -1
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        entry = lookup(text)
+    except KeyError:
+        raise errors.InvalidParameter(
+            name=name, value=value, reason="no such name on this host; "
+            "give a numeric id") from None
+    return entry[2]
 
 
 class FileDomain:
@@ -57,6 +122,8 @@ class FileDomain:
         # Copies within the domain use copy offload (qemu-img -C) when
         # this is set and the filesystem reflinks.
         self.copy_offload = True
+        # Who owns what the engine creates here (the pool sets it).
+        self.ownership = Ownership()
         self._reflink: bool | None = None
 
     def __repr__(self) -> str:
@@ -179,18 +246,49 @@ class FileDomain:
             self._reflink = fileutil.supports_reflink(self.images_dir)
         return self._reflink
 
+    @property
+    def sdm_lease_offset(self) -> int:
+        """Where the SDM resource is in ``dom_md/leases``."""
+        return sc.SDM_LEASE_SLOT * self.metadata.alignment
+
     # Writing primitives (callers hold the domain lease)
 
     def write_volume_meta(self, img_id: str, vol_id: str,
                           meta: volmeta.VolumeMetadata,
                           image_dir: str | None = None) -> None:
         path = self.volume_path(img_id, vol_id, image_dir) + sc.META_EXT
-        fileutil.atomic_write(path, meta.to_bytes())
+        fileutil.atomic_write(path, meta.to_bytes(), **self.ownership.ids)
 
     def write_metadata(self, metadata: sdmeta.DomainMetadata) -> None:
         fileutil.atomic_write(self.dom_md(sc.METADATA),
-                              sdmeta.format_metadata(metadata))
+                              sdmeta.format_metadata(metadata),
+                              **self.ownership.ids)
         self.metadata = metadata
+
+    def make_dir(self, path: str) -> None:
+        """Create a directory of the domain (an existing one is kept),
+        mode 0775 and owned as configured."""
+        _make_dir(path, self.ownership, exist_ok=True)
+
+    def own_file(self, path: str) -> None:
+        """Give a file the engine wrote (volume data) mode 0660 and the
+        configured owner."""
+        os.chmod(path, sc.FILE_MODE)
+        self.ownership.chown(path)
+
+    def create_volume_lease(self, path: str, vol_id: str) -> None:
+        """Create a volume's ``.lease`` (never an existing one) holding
+        the sanlock resource ``vol_id`` of lockspace ``sd_id`` at offset
+        0, as vdsm does when it creates a volume: one ``sanlock direct
+        init`` (about 3 ms)."""
+        fileutil.create_sparse(path, 0, **self.ownership.ids)
+        md = self.metadata
+        if _can_format(self.sd_id):
+            sanlock_direct.init_resource(
+                path, self.sd_id, vol_id, alignment=md.alignment,
+                block_size=md.block_size)
+        else:
+            os.truncate(path, md.alignment)
 
 
 def _is_uuid(name: str) -> bool:
@@ -245,31 +343,97 @@ def create_domain(mount: str, *, sd_id: str, pool_id: str,
                   domain_type: sc.DomainType = sc.DomainType.LOCALFS,
                   role: sc.DomainRole = sc.DomainRole.REGULAR,
                   remote_path: str = "",
-                  block_size: int = sc.BLOCK_SIZE_512) -> FileDomain:
+                  block_size: int = sc.BLOCK_SIZE_512,
+                  alignment: int = sc.ALIGNMENT,
+                  ownership: Ownership | None = None,
+                  io_timeout: int = LOCKSPACE_IO_TIMEOUT) -> FileDomain:
     """Create a V5 file domain in ``<mount>/<sd_id>``.
 
     The domain is built in a hidden directory and renamed into place when
-    its metadata is written, so a crash never leaves a half domain.
+    its metadata is written, so a crash never leaves a half domain. Its
+    lease areas are written as vdsm writes them (module doc): the
+    lockspace ``sd_id`` in ``ids`` (recording ``io_timeout``), the
+    resource ``SDM`` in ``leases`` at 1 x ``alignment``, an empty
+    ``xleases`` index. Directories are 0775 and files 0660 whatever the
+    umask, owned as ``ownership`` says.
     """
     validate.check_uuid(sd_id, "domain id")
     validate.check_uuid(pool_id, "pool id")
+    ownership = ownership or Ownership()
     final = os.path.join(mount, sd_id)
     if os.path.exists(final):
         raise errors.DomainExists(sd_id=sd_id, path=final)
-    tmp = os.path.join(mount, f"{sc.TEMP_PREFIX}{sd_id}-{time.time_ns()}")
-    os.makedirs(os.path.join(tmp, sc.DOM_MD))
-    os.mkdir(os.path.join(tmp, sc.IMAGES))
-    if role == sc.DomainRole.MASTER:
-        os.mkdir(os.path.join(tmp, sc.MASTER))
-    for name, size in sc.SPECIAL_FILES.items():
-        fileutil.create_sparse(os.path.join(tmp, sc.DOM_MD, name), size)
     md = sdmeta.DomainMetadata(
         sd_id=sd_id, pool_id=pool_id, version=sc.DOMAIN_VERSION,
         type=domain_type, cls=sc.DomainClass.DATA, role=role,
         description=description, block_size=block_size,
-        alignment=sc.ALIGNMENT, remote_path=remote_path or mount)
-    fileutil.atomic_write(os.path.join(tmp, sc.DOM_MD, sc.METADATA),
-                          sdmeta.format_metadata(md))
-    os.rename(tmp, final)
+        alignment=alignment, remote_path=remote_path or mount)
+    tmp = os.path.join(mount, f"{sc.TEMP_PREFIX}{sd_id}-{time.time_ns()}")
+    _make_dir(tmp, ownership)
+    try:
+        dom_md = os.path.join(tmp, sc.DOM_MD)
+        for name in (sc.DOM_MD, sc.IMAGES) + (
+                (sc.MASTER,) if role == sc.DomainRole.MASTER else ()):
+            _make_dir(os.path.join(tmp, name), ownership)
+        for name, size in sc.SPECIAL_FILES.items():
+            fileutil.create_sparse(os.path.join(dom_md, name), size,
+                                   **ownership.ids)
+        _format_lease_areas(dom_md, sd_id, alignment=alignment,
+                            block_size=block_size, io_timeout=io_timeout)
+        fileutil.atomic_write(os.path.join(dom_md, sc.METADATA),
+                              sdmeta.format_metadata(md), **ownership.ids)
+        os.rename(tmp, final)
+    except BaseException:
+        fileutil.remove_tree(tmp)
+        raise
     fileutil.fsync_dir(mount)
-    return FileDomain(final, md)
+    dom = FileDomain(final, md)
+    dom.ownership = ownership
+    return dom
+
+
+def _make_dir(path: str, ownership: Ownership,
+              exist_ok: bool = False) -> None:
+    try:
+        os.mkdir(path, sc.DIR_MODE)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+    os.chmod(path, sc.DIR_MODE)     # the umask masked mkdir's mode
+    ownership.chown(path)
+
+
+_warned: set[str] = set()
+
+
+def _can_format(sd_id: str) -> bool:
+    """True if the ``sanlock`` program is there to write lease areas;
+    else warn (once a domain) and leave them zeroed."""
+    if sanlock_direct.available():
+        return True
+    if sd_id not in _warned:
+        _warned.add(sd_id)
+        LOG.warning("The sanlock program is missing: the lease areas of "
+                    "domain %s are left unformatted (oVirt cannot attach "
+                    "it until the sanlock lease backend formats them)",
+                    sd_id)
+    return False
+
+
+def _format_lease_areas(dom_md: str, sd_id: str, *, alignment: int,
+                        block_size: int, io_timeout: int) -> None:
+    """Write ``ids``, ``leases`` and ``xleases`` of a new domain (in the
+    directory ``dom_md``) as vdsm's ``initSPMlease`` and
+    ``format_external_leases`` do."""
+    ids, leases = (os.path.join(dom_md, n) for n in ("ids", "leases"))
+    geometry = {"alignment": alignment, "block_size": block_size}
+    if _can_format(sd_id):
+        sanlock_direct.init_lockspace(ids, sd_id, io_timeout=io_timeout,
+                                      **geometry)
+        sanlock_direct.init_resource(
+            leases, sd_id, sc.SDM_LEASE_NAME,
+            offset=sc.SDM_LEASE_SLOT * alignment, **geometry)
+    else:
+        os.truncate(ids, alignment)
+        os.truncate(leases, (sc.SDM_LEASE_SLOT + 1) * alignment)
+    xlease.format_index(os.path.join(dom_md, "xleases"), sd_id, **geometry)

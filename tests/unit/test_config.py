@@ -20,12 +20,13 @@ from ovirt_cinder.storage import config
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage import sd
 from ovirt_cinder.storage.pool import StoragePool
 
 SHARED = ["ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_lease_backend",
           "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
           "ovirt_lease_timeout", "ovirt_lock_path", "ovirt_qemu_img_timeout",
-          "ovirt_copy_stall_timeout"]
+          "ovirt_copy_stall_timeout", "ovirt_file_owner", "ovirt_file_group"]
 MiB = 1024 * 1024
 
 
@@ -230,3 +231,25 @@ def test_open_pool_sets_qemu_img_timeouts(mounts, storage, monkeypatch):
                           ovirt_qemu_img_timeout=7,
                           ovirt_copy_stall_timeout=9))
     assert (qemuimg.QUICK_TIMEOUT, qemuimg.STALL_TIMEOUT) == (7, 9)
+
+
+def test_ownership_options(mounts, storage, locks):
+    assert config.ownership(opts()) == sd.Ownership(-1, -1)
+    assert config.ownership(opts(ovirt_file_owner="36",
+                                 ovirt_file_group="root")) == \
+        sd.Ownership(36, 0)
+    assert config.ownership(opts(ovirt_file_owner="root")).uid == 0
+    with pytest.raises(errors.InvalidParameter, match="ovirt-no-such"):
+        config.ownership(opts(ovirt_file_group="ovirt-no-such-group"))
+    # open_pool hands it to every domain: what operations create is owned.
+    pool = config.open_pool(opts(ovirt_domain_paths=mounts,
+                                 ovirt_lock_path=locks,
+                                 ovirt_file_owner="36",
+                                 ovirt_file_group="36"))
+    assert {d.ownership for d in pool.domains.values()} == {
+        sd.Ownership(36, 36)}
+    vol = pool.create_volume(storage.master.sd_id, str(uuid.uuid4()), MiB)
+    for path in (vol.path, vol.path + ".meta", vol.path + ".lease",
+                 os.path.dirname(vol.path)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (36, 36), path

@@ -42,8 +42,18 @@ def spawn(host, mode, host_id, dom, *args):
 
 def sdm_record(dom):
     with open(dom.dom_md("leases"), "rb") as f:
-        f.seek(sc.SDM_LEASE_OFFSET)
+        f.seek(dom.sdm_lease_offset)
         return f.read(dom.metadata.block_size)
+
+
+def lease_areas(dom):
+    """The bytes of the lockspace and of the SDM resource."""
+    align = dom.metadata.alignment
+    with open(dom.dom_md("ids"), "rb") as f:
+        ids = f.read(align)
+    with open(dom.dom_md("leases"), "rb") as f:
+        f.seek(dom.sdm_lease_offset)
+        return ids, f.read(align)
 
 
 # Without a daemon
@@ -106,7 +116,7 @@ def test_pool_operations(shared_pool, mgr):
     assert fsck.check(pool).clean
     # Each operation acquired and released SDM: the leader shows it.
     assert sanlockd.read_resource(
-        dom.dom_md("leases"), sc.SDM_LEASE_OFFSET, align=sc.ALIGNMENT,
+        dom.dom_md("leases"), dom.sdm_lease_offset, align=sc.ALIGNMENT,
         sector=512) == (dom.sd_id, "SDM")
 
 
@@ -183,9 +193,25 @@ def test_volume_lease(shared_pool, mgr):
             pass
 
 
+def test_init_domain_leaves_created_areas_alone(mount, mgr):
+    # Created with local leases: the engine wrote the lockspace and SDM
+    # with the sanlock program; the daemon reads them and keeps them.
+    dom = StoragePool.create(mount).master
+    before = lease_areas(dom)
+    assert sanlockd.read_lockspace(dom.dom_md("ids"), align=sc.ALIGNMENT,
+                                   sector=512) == dom.sd_id
+    mgr.init_domain(dom)
+    assert lease_areas(dom) == before
+    # (test_pool_formats_the_domains_it_creates acquires them.)
+
+
 def test_uninitialised_domain(mount, mgr):
-    # Made with local leases; opened with sanlock without init_domain.
-    StoragePool.create(mount)
+    # Areas of zeros (a domain made without the sanlock program, or by
+    # an older release), opened without init_domain.
+    dom = StoragePool.create(mount, lease_manager=mgr).master
+    with open(dom.dom_md("leases"), "r+b") as f:
+        f.seek(dom.sdm_lease_offset)
+        f.write(bytes(sc.ALIGNMENT))
     pool = StoragePool.open([mount], lease_manager=mgr)
     with pytest.raises(sanlockd.LeaseCorrupt) as e:
         pool.create_volume(pool.master.sd_id, str(uuid.uuid4()), MiB)

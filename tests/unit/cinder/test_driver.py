@@ -23,9 +23,13 @@ from ovirt_cinder.cinder import driver as ovirt_driver
 from ovirt_cinder.cinder import options
 from ovirt_cinder.storage import config as pool_config
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import description
+from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
+from tests import damaged
 from tests import qemuio
 
 MiB, GiB = sc.MiB, sc.GiB
@@ -88,6 +92,7 @@ def test_options_in_backend_defaults(drv, config):
             "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
             "ovirt_lease_timeout", "ovirt_lock_path",
             "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
+            "ovirt_file_owner", "ovirt_file_group",
             "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
@@ -307,6 +312,32 @@ def test_initialize_connection_nfs(drv, ctx, storage, mounts, tmp_path):
     assert os.path.exists(os.path.join(str(mount), name))
 
 
+def test_initialize_connection_nfs_domain_from_cli(
+        drv, ctx, storage, mounts, tmp_path, monkeypatch, capsys):
+    # An NFS domain as the admin creates it: the export is the
+    # REMOTE_PATH given to `ovirt-storage domain create`.
+    from ovirt_cinder.cmd import storage as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "none"))
+    mount = tmp_path / "nfs"
+    mount.mkdir()
+    code = cli.main(["-p", mounts[0], "--pool-id", storage.pool_id,
+                     "--lock-path", str(tmp_path / "cli-locks"), "domain",
+                     "create", "--path", str(mount), "--type", "NFS",
+                     "--remote-path", "127.0.0.1:/exports/a", "--json"])
+    assert code == 0, capsys.readouterr()
+    cfg.CONF.set_override("ovirt_domain_paths", [*mounts, str(mount)],
+                          group="backend_defaults")
+    drv.do_setup(None)
+    [sd_id] = os.listdir(mount)
+    volume = new_volume(ctx, sd_id)
+    drv.create_volume(volume)
+    conn = drv.initialize_connection(volume, {})
+    assert conn["driver_volume_type"] == "nfs"
+    assert conn["data"]["export"] == "127.0.0.1:/exports/a"
+    assert conn["data"]["name"].startswith(f"{sd_id}/images/")
+
+
 # Stats
 
 def test_stats_pool_per_domain(drv, sd1, sd2, created):
@@ -332,6 +363,50 @@ def make_image(tmp_path, fmt, pattern, size=16 * MiB, **create):
     qemuimg.create(path, fmt, size, **create)
     qemuio.write_pattern(path, fmt, 0, MiB, pattern)
     return path
+
+
+@pytest.mark.parametrize("damage", sorted(damaged.DAMAGES))
+def test_copy_image_damaged_refused(drv, ctx, images, created, tmp_path,
+                                    damage):
+    path = damaged.DAMAGES[damage](str(tmp_path / "damaged.qcow2"))
+    image_id = images.add_file(path, "qcow2")
+    with pytest.raises(exception.ImageUnacceptable) as e:
+        drv.copy_image_to_volume(ctx, created, images, image_id)
+    assert image_id in str(e.value)
+    # Neither the download nor Cinder's conversion directory is named.
+    assert "ovirt_image_" not in str(e.value)
+    assert cfg.CONF.image_conversion_dir not in str(e.value)
+    if damage in damaged.CHECK_FINDS:
+        assert "damaged" in str(e.value)
+    assert_refused(drv, ctx, images, created, image_id)
+    drv.delete_volume(created)
+    assert all(drv.pool.list_images(s) == [] for s in drv.pool.domains)
+    assert fsck.check(drv.pool).clean
+
+
+def test_copy_image_leaks_accepted(drv, ctx, images, created, tmp_path):
+    path = damaged.leaked(str(tmp_path / "leaked.qcow2"))
+    drv.copy_image_to_volume(ctx, created, images,
+                             images.add_file(path, "qcow2"))
+    verify(drv, created, 0, 0x5a)
+
+
+def test_import_error_hides_the_download(drv, ctx, images, created,
+                                         tmp_path, monkeypatch):
+    image_id = images.add_file(make_image(tmp_path, "raw", 0x33), "raw")
+    seen = []
+
+    def failing(self, sd_id, img_id, src, *args, **kwargs):
+        seen.append(src)
+        raise errors.QemuImgError(cmd="convert", rc=1, out="", argv=[],
+                                  err=f"qemu-img: Could not open '{src}'")
+
+    monkeypatch.setattr(StoragePool, "import_volume", failing)
+    with pytest.raises(exception.VolumeBackendAPIException) as e:
+        drv.copy_image_to_volume(ctx, created, images, image_id)
+    assert seen and seen[0] not in str(e.value)
+    assert os.path.basename(seen[0]) not in str(e.value)
+    assert f"image {image_id}" in str(e.value)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -392,25 +467,162 @@ def test_copy_volume_to_image_chain(drv, ctx, images, created, tmp_path,
     qemuio.verify_pattern(str(out), disk_format, MiB, MiB, 0x22)
 
 
-def make_template(storage, sd_id, tmp_path):
-    src = make_image(tmp_path, "raw", 0x5a)
+def make_template(storage, sd_id, tmp_path, fmt="raw", detected=None):
+    """A template as the Glance store makes it (``detected`` is the
+    format it records; None: none, as ``volume import --template``)."""
+    src = make_image(tmp_path, fmt, 0x5a)
     img = uid()
-    vol = storage.import_volume(sd_id, img, src, "raw", 16 * MiB,
-                                fmt=sc.VolumeFormat.RAW,
-                                voltype=sc.VolumeType.SHARED)
+    desc = description.update("", tmpl=img, fmt=detected) if detected \
+        else ""
+    vol = storage.import_volume(sd_id, img, src, fmt, 16 * MiB,
+                                fmt=ovirt_driver._FORMATS[fmt],
+                                voltype=sc.VolumeType.SHARED,
+                                description=desc)
     return f"ovirt://{storage.pool_id}/{sd_id}/{img}/{vol.vol_id}", img
 
 
+def image_meta(disk_format="raw", container_format="bare"):
+    return {"disk_format": disk_format,
+            "container_format": container_format}
+
+
+def locations_of(url):
+    return (url, [{"url": url, "metadata": {}}])
+
+
 @pytest.mark.parametrize("same_domain", [True, False])
-def test_clone_image(drv, ctx, storage, sd1, sd2, tmp_path, same_domain):
-    url, tmpl_img = make_template(storage, sd1, tmp_path)
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_clone_image(drv, ctx, storage, sd1, sd2, tmp_path, same_domain,
+                     fmt):
+    url, tmpl_img = make_template(storage, sd1, tmp_path, fmt, fmt)
     volume = new_volume(ctx, sd1 if same_domain else sd2)
-    locations = (url, [{"url": url, "metadata": {}}])
-    assert drv.clone_image(ctx, volume, locations, {}, None) == (None, True)
+    assert drv.clone_image(ctx, volume, locations_of(url), image_meta(fmt),
+                           None) == (None, True)
     v = leaf(drv, volume)
     assert v.parent is not None and v.meta.capacity == GiB
     verify(drv, volume, 0, 0x5a)
     assert drv.pool.domain(drv._sd_id(volume)).has_image(tmpl_img)
+
+
+def test_clone_image_of_a_cli_template(drv, ctx, storage, sd1, tmp_path):
+    # ``volume import --template`` records no detected format: the
+    # volume's format is the real one.
+    url, _ = make_template(storage, sd1, tmp_path, "qcow2")
+    volume = new_volume(ctx, sd1)
+    assert drv.clone_image(ctx, volume, locations_of(url),
+                           image_meta("qcow2"), None) == (None, True)
+
+
+@pytest.mark.parametrize("fmt, detected, meta", [
+    # Not a copy-on-write base, whatever Glance says.
+    ("raw", "iso", image_meta("iso")),
+    ("raw", "iso", image_meta("raw")),
+    ("raw", "vmdk", image_meta("vmdk")),
+    ("raw", "vhd", image_meta("vhd")),
+    # A base, but Glance's metadata disagrees with it.
+    ("raw", "raw", image_meta("raw", "ova")),
+    ("raw", "raw", image_meta("raw", "ovf")),
+    ("raw", "raw", image_meta("qcow2")),
+    ("qcow2", "qcow2", image_meta("raw")),
+    ("raw", "raw", {}),
+    # Recorded format and volume format disagree.
+    ("raw", "qcow2", image_meta("qcow2")),
+])
+def test_clone_image_not_a_cow_base(drv, ctx, storage, sd1, sd2, tmp_path,
+                                    fmt, detected, meta):
+    url, tmpl_img = make_template(storage, sd1, tmp_path, fmt, detected)
+    for sd_id in (sd1, sd2):
+        volume = new_volume(ctx, sd_id)
+        # Not cloned: Cinder's own path downloads, inspects, converts.
+        assert drv.clone_image(ctx, volume, locations_of(url), meta,
+                               None) == (None, False)
+        assert not drv.pool.domain(sd_id).has_image(volume.name_id)
+    assert storage.list_images(sd1) == [tmpl_img]
+    assert storage.list_images(sd2) == []
+
+
+def test_clone_image_iso_disktype_not_a_base(drv, ctx, storage, sd1,
+                                             tmp_path):
+    src = make_image(tmp_path, "raw", 0x5a)
+    img = uid()
+    vol = storage.adopt_volume(sd1, img, src, 16 * MiB,
+                               voltype=sc.VolumeType.SHARED,
+                               disktype=sc.DiskType.ISOF)
+    url = f"ovirt://{storage.pool_id}/{sd1}/{img}/{vol.vol_id}"
+    assert drv.clone_image(ctx, new_volume(ctx, sd1), locations_of(url),
+                           image_meta("raw"), None) == (None, False)
+
+
+def test_clone_image_concurrent_first_use_in_another_domain(
+        drv, ctx, storage, sd1, sd2, tmp_path):
+    url, tmpl_img = make_template(storage, sd1, tmp_path, "raw", "raw")
+    volumes = [new_volume(ctx, sd2) for _ in range(3)]
+    barrier = threading.Barrier(len(volumes))
+    results, failures = [], []
+
+    def first_use(volume):
+        barrier.wait()
+        try:
+            results.append(drv.clone_image(ctx, volume, locations_of(url),
+                                           image_meta("raw"), None))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=first_use, args=(v,))
+               for v in volumes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert results == [(None, True)] * 3
+    # One copy, marked as a copy of the original in sd1, linked by all.
+    assert sorted(storage.list_images(sd2)) == sorted(
+        [tmpl_img, *(v.name_id for v in volumes)])
+    copy = storage.image(sd2, tmpl_img).template()
+    assert description.get(copy.meta.description, "copy") == sd1
+    assert description.get(copy.meta.description, "tmpl") == tmpl_img
+    assert os.stat(copy.path).st_nlink == 4
+    for volume in volumes:
+        verify(drv, volume, 0, 0x5a)
+        assert leaf(drv, volume).parent == copy.vol_id
+
+    # Glance deletes the image (in its own domain): the copy serves the
+    # volumes until the last of them goes, then it goes too.
+    storage.delete_image(sd1, tmpl_img)
+    for volume in volumes:
+        assert storage.domain(sd2).has_image(tmpl_img)
+        verify(drv, volume, 0, 0x5a)
+        drv.delete_volume(volume)
+    assert storage.list_images(sd2) == []
+    assert storage.list_images(sd1) == []
+    assert fsck.check(storage).clean
+
+
+def test_template_copy_kept_while_glance_has_the_image(drv, ctx, storage,
+                                                        sd1, sd2, tmp_path):
+    url, tmpl_img = make_template(storage, sd1, tmp_path, "raw", "raw")
+    volume = new_volume(ctx, sd2)
+    drv.clone_image(ctx, volume, locations_of(url), image_meta("raw"), None)
+    drv.delete_volume(volume)
+    # The next volume in sd2 reuses the copy: it stays.
+    assert storage.list_images(sd2) == [tmpl_img]
+    assert not storage.collect_template_copy(sd2, tmpl_img)
+    # Once Glance deleted the image, an unused copy is garbage.
+    storage.delete_image(sd1, tmpl_img)
+    assert storage.collect_template_copy(sd2, tmpl_img)
+    assert storage.list_images(sd2) == []
+    assert fsck.check(storage).clean
+
+
+def test_plain_template_copy_never_collected(drv, ctx, storage, sd1, sd2,
+                                             tmp_path):
+    # An admin's ``image copy`` of a template is not the driver's copy.
+    _, tmpl_img = make_template(storage, sd1, tmp_path, "raw", "raw")
+    storage.copy_image(sd1, tmpl_img, sd2)
+    storage.delete_image(sd1, tmpl_img)
+    assert not storage.collect_template_copy(sd2, tmpl_img)
+    assert storage.list_images(sd2) == [tmpl_img]
 
 
 def test_clone_image_other_location(drv, ctx, sd1):
@@ -488,6 +700,27 @@ def test_migrate_volume_between_domains(drv, ctx, sd1, sd2, created):
     assert drv.pool.list_images(sd1) == []
     created.host = host["host"]
     verify(drv, created, 0, 0x71)
+
+
+def test_migrate_volume_leaves_no_template_copy(drv, ctx, storage, sd1,
+                                                sd2, tmp_path):
+    # A volume from an image in sd2 (over a copy of the sd1 template),
+    # whose Glance image is gone, migrates back to sd1 and back again.
+    url, tmpl_img = make_template(storage, sd1, tmp_path, "raw", "raw")
+    volume = new_volume(ctx, sd2)
+    drv.clone_image(ctx, volume, locations_of(url), image_meta("raw"), None)
+    caps = drv.get_volume_stats(refresh=True)["pools"][0]
+    storage.delete_image(sd1, tmpl_img)
+    for dst, src in ((sd1, sd2), (sd2, sd1)):
+        host = {"host": f"host@ovirt1#{dst}", "capabilities": caps}
+        assert drv.migrate_volume(ctx, volume, host) == (True, None)
+        volume.host = host["host"]
+        verify(drv, volume, 0, 0x5a)
+        # The copy the volume left behind went with it.
+        assert storage.list_images(src) == []
+    drv.delete_volume(volume)
+    assert storage.list_images(sd1) == storage.list_images(sd2) == []
+    assert fsck.check(storage).clean
 
 
 def test_migrate_volume_other_backend(drv, ctx, sd2, created):

@@ -97,9 +97,10 @@ class OvirtStoreTest(base.MultiStoreBaseTest):
                           "ovirt_io_timeout", "ovirt_flow_connection",
                           "ovirt_lease_timeout", "ovirt_lock_path",
                           "ovirt_qemu_img_timeout",
-                          "ovirt_copy_stall_timeout",
-                          "ovirt_store_domain", "ovirt_max_image_size",
-                          "ovirt_chunk_size"], names)
+                          "ovirt_copy_stall_timeout", "ovirt_file_owner",
+                          "ovirt_file_group", "ovirt_store_domain",
+                          "ovirt_max_image_size", "ovirt_chunk_size"],
+                         names)
         for opt in groups["ovirt"]:
             self.assertIn("Possible values", opt.help)
             self.assertIn("Related options", opt.help)
