@@ -50,7 +50,8 @@ __all__ = ["Step", "FlowRunner", "Pending", "FACTORIES", "FLOW_VERSION",
            "create_image", "snapshot", "merge_commit", "merge_stream",
            "update_volume", "remove_volume", "revert", "clone",
            "thin_clone", "extend", "copy_image", "remove_image",
-           "import_image", "adopt_image", "export_volume"]
+           "import_image", "adopt_image", "export_volume",
+           "upgrade_domain"]
 
 LOG = logging.getLogger(__name__)
 
@@ -413,12 +414,31 @@ def export_volume(sd_id: str, img_id: str, vol_id: str, dst: str,
              vol_id=vol_id, dst=dst, fmt=fmt)])
 
 
+def upgrade_domain(sd_id: str) -> linear_flow.Flow:
+    """Upgrade a V3 or V4 domain to V5 in place, in vdsm's order.
+
+    Before the domain's version write every state is a valid V3 or V4
+    domain (an xleases volume and CAP keys added): a failure there
+    reverts nothing. The version write is the point of no return; after
+    it the volume records are rewritten in the V5 format, and a reader
+    ignores the V4 keys left until then. Steps: :mod:`actions`.
+    """
+    return _flow("upgrade_domain", [
+        Step("upgrade_v4", undo_action="noop", sd_id=sd_id),
+        Step("convert_volumes_metadata", undo_action="noop", sd_id=sd_id),
+        *_forward(
+            Step("convert_metadata", sd_id=sd_id),
+            Step("finalize_volumes_metadata", sd_id=sd_id)),
+    ])
+
+
 # The only factories recovery rebuilds, by the name a logbook records.
 FACTORIES: dict[str, Callable[..., linear_flow.Flow]] = {
     f.__name__: f for f in (
         create_image, import_image, adopt_image, snapshot, merge_commit,
         merge_stream, update_volume, remove_volume, revert, clone,
-        thin_clone, extend, copy_image, remove_image, export_volume)}
+        thin_clone, extend, copy_image, remove_image, export_volume,
+        upgrade_domain)}
 # Flows whose arguments name files outside the domains (a staged upload,
 # an export target): only their own host may finish them.
 HOST_LOCAL = frozenset({"import_image", "adopt_image", "export_volume"})

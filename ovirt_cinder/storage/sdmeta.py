@@ -38,6 +38,11 @@ detached), ``BLOCK_SIZE`` and ``ALIGNMENT`` (V5 only; V3/V4 domains are
 ``MASTER_VERSION``, ``POOL_*``, block domains' ``VGUUID``, ``PV0``...,
 V4's ``LOGBLKSIZE``/``PHYBLKSIZE``) is kept in ``extra`` and written back
 unchanged.
+
+Versions: V3 and V4 file domains have the same keys (no ``BLOCK_SIZE``
+or ``ALIGNMENT``; both are 512 / 1 MiB); V4 adds ``dom_md/xleases``.
+:func:`upgraded` gives the metadata one version up and :func:`attached`
+the metadata of a domain attached to a pool, both as vdsm writes them.
 """
 
 from __future__ import annotations
@@ -62,11 +67,14 @@ from ovirt_cinder.storage.constants import DomainType
 __all__ = [
     "CHECKSUM_KEY",
     "DomainMetadata",
+    "attached",
     "checksum",
     "dumps",
     "format_metadata",
+    "is_detached",
     "loads",
     "parse",
+    "upgraded",
 ]
 
 CHECKSUM_KEY = "_SHA_CKSUM"
@@ -245,6 +253,52 @@ def parse(data: bytes, path: str = "") -> DomainMetadata:
 def format_metadata(md: DomainMetadata) -> bytes:
     """Return the file bytes of ``md``."""
     return dumps(md.to_dict())
+
+
+# Keys of the pool a master domain keeps (vdsm's spbackends); a regular
+# domain carries them only as leftovers of a former master role.
+MASTER_VERSION_KEY = "MASTER_VERSION"
+# Block-domain keys that V5 dropped (vdsm's sd.convert_metadata).
+V4_ONLY_KEYS = ("LOGBLKSIZE", "PHYBLKSIZE")
+
+
+def is_detached(md: DomainMetadata) -> bool:
+    """True if ``md`` names no pool (``POOL_UUID=``, or the blank UUID
+    older vdsm wrote)."""
+    return md.pool_id in ("", sc.BLANK_UUID)
+
+
+def attached(md: DomainMetadata, pool_id: str) -> DomainMetadata:
+    """``md`` as a regular domain of ``pool_id``: what vdsm's attachSD
+    (``POOL_UUID``) and activateSD (``setDomainRegularRole``: ``ROLE=
+    Regular``, ``MASTER_VERSION=0`` when the key is there) write.
+
+    Every other key is kept: a former master's ``POOL_DESCRIPTION``,
+    ``POOL_DOMAINS``, ``POOL_SPM_ID`` and ``POOL_SPM_LVER`` are read by
+    vdsm only on the master domain of the pool it connects, and
+    ``ROLE=Regular`` keeps it from ever taking this one for a master.
+    """
+    extra = dict(md.extra)
+    if MASTER_VERSION_KEY in extra:
+        extra[MASTER_VERSION_KEY] = "0"
+    return md.replace(pool_id=validate.check_uuid(pool_id, "pool id"),
+                      role=DomainRole.REGULAR, extra=extra)
+
+
+def upgraded(md: DomainMetadata, version: int) -> DomainMetadata:
+    """``md`` one format version up, as vdsm's format converter writes
+    it: V3 to V4 changes only ``VERSION``; V4 to V5 adds ``BLOCK_SIZE=
+    512`` and ``ALIGNMENT=1048576`` (all a V4 domain supports) and drops
+    ``LOGBLKSIZE`` and ``PHYBLKSIZE``."""
+    if version != md.version + 1 or version not in (4, 5):
+        raise errors.InvalidParameter(
+            name="version", value=version,
+            reason=f"cannot upgrade version {md.version} to it")
+    if version == 4:
+        return md.replace(version=4)
+    extra = {k: v for k, v in md.extra.items() if k not in V4_ONLY_KEYS}
+    return md.replace(version=5, block_size=sc.BLOCK_SIZE_512,
+                      alignment=sc.ALIGNMENT, extra=extra)
 
 
 

@@ -1,4 +1,4 @@
-"""Volume metadata codec (oVirt storage-domain format V5, reads V4).
+"""Volume metadata codec (oVirt storage-domain format V5, reads V3/V4).
 
 A volume's metadata is one 512-byte record: the ``<vol>.meta`` file on a
 file domain, or one slot of the ``metadata`` LV on a block domain (slots
@@ -38,6 +38,13 @@ contain ``=``). Unknown keys are ignored. ``GEN`` and ``SEQ`` default to
 (ignored). Metadata cleared by vdsm before 4.20.34 (a ``NONE=###...``
 record) is reported as invalid. Any missing key or bad value raises
 ``MetadataError`` naming the key.
+
+V3 and V4 records are the same: ``SIZE`` and ``MTIME=0`` instead of
+``CAP`` and ``SEQ`` (older vdsm also wrote ``POOL_UUID``, and legacy
+engines ``DISKTYPE=2``). :func:`legacy_bytes` writes that format, with
+``CAP`` added for the first step of the V4 to V5 upgrade (as vdsm's
+``convert_volumes_metadata``: a V4 reader takes ``CAP`` when it is
+there), and :func:`record_keys` tells which keys a record holds.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from ovirt_cinder.storage.constants import Preallocation
 from ovirt_cinder.storage.constants import VolumeFormat
 from ovirt_cinder.storage.constants import VolumeType
 
-__all__ = ["VolumeMetadata"]
+__all__ = ["VolumeMetadata", "legacy_bytes", "record_keys"]
 
 MAX_SEQUENCE = 2**32 - 1
 
@@ -174,6 +181,38 @@ class VolumeMetadata:
             raise TypeError("with_next_generation() sets generation itself")
         generation = (self.generation + 1) % (sc.MAX_GENERATION + 1)
         return self.replace(generation=generation, **changes)
+
+
+def legacy_bytes(meta: VolumeMetadata, *, capacity: bool = False) -> bytes:
+    """Return the V3/V4 record of ``meta`` (as vdsm's ``storage_format``
+    for a version below 5): ``SIZE`` in 512-byte blocks and ``MTIME=0``
+    instead of ``CAP`` and ``SEQ``; with ``capacity``, ``CAP`` in bytes
+    too. Raise if it does not fit in 512 bytes."""
+    if meta.capacity % sc.BLOCK_SIZE_512:
+        raise errors.InvalidParameter(
+            name="capacity", value=meta.capacity,
+            reason="not a multiple of 512: no V4 SIZE holds it")
+    md = {key: str(getattr(meta, name)) for name, key in _KEYS.items()
+          if name not in ("capacity", "sequence")}
+    md["MTIME"] = "0"
+    md[_V4_SIZE] = str(meta.capacity // sc.BLOCK_SIZE_512)
+    if capacity:
+        md[_KEYS["capacity"]] = str(meta.capacity)
+    return _format(md)
+
+
+def record_keys(data: bytes, path: str = "") -> set[str]:
+    """The keys of a record as a reader sees them (up to ``EOF``)."""
+    return set(_read_lines(data, path))
+
+
+def _format(md: Mapping[str, str]) -> bytes:
+    lines = [f"{key}={md[key]}\n" for key in sorted(md)]
+    lines.append(f"{_EOF}\n")
+    data = "".join(lines).encode("utf-8")
+    if len(data) > sc.METADATA_SIZE:
+        raise errors.MetadataOverflow(size=len(data), limit=sc.METADATA_SIZE)
+    return data
 
 
 def _read_lines(data: bytes, path: str) -> dict[str, str]:

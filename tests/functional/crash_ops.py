@@ -110,6 +110,11 @@ def op_copy_thin(pool, ctx):
     pool.copy_image(ctx["sd"], ctx["thin"], ctx["sd2"])
 
 
+def op_upgrade(pool, ctx):
+    # A V4 domain to V5 in place (the golden world's sd4).
+    pool.upgrade_domain(ctx["sd4"])
+
+
 OPS = {name[3:]: fn for name, fn in globals().items()
        if name.startswith("op_")}
 

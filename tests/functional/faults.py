@@ -18,6 +18,9 @@ domains (``mnt1`` master, ``mnt2``) with
   snapshot) under snapshot C, and the leaf: deleting A only hides it
   (update_volume flow), deleting C removes C and the layer under it
   (remove_volume flow).
+- ``sd4``: a V4 domain next to ``mnt2``'s (ovirt_fixtures.
+  make_v4_domain) with a snapshot chain and an image over a template,
+  for ``upgrade`` (upgrade_domain flow).
 
 The child process::
 
@@ -54,6 +57,7 @@ from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import FLOWS_DIR
 from ovirt_cinder.storage.pool import StoragePool
+from tests import ovirt_fixtures
 from tests import qemuio
 
 MiB = sc.MiB
@@ -221,7 +225,10 @@ def make_world(work):
     qemuio.write_pattern(leaf.path, "qcow2", 6 * MiB, MiB, 0x55)
     ctx = {"sd": sd, "sd2": sd2, "img": img, "snaps": snaps, "tmpl": tmpl,
            "raw_file": raw_file, "thin": thin, "img2": img2,
-           "snap_a": snap_a, "snap_c": snap_c}
+           "snap_a": snap_a, "snap_c": snap_c,
+           # A V4 domain next to sd2, for upgrade.
+           "sd4": ovirt_fixtures.make_v4_domain(
+               pool, os.path.join(work, "mnt2"), raw_file)}
     with open(os.path.join(work, "ctx.json"), "w") as f:
         json.dump(ctx, f)
     return ctx
@@ -330,6 +337,10 @@ def op_move(pool, ctx):
 
 def op_delete(pool, ctx):
     pool.delete_image(ctx["sd"], ctx["img"])
+
+
+def op_upgrade(pool, ctx):
+    pool.upgrade_domain(ctx["sd4"])
 
 
 OPS = {name[3:]: fn for name, fn in globals().items()

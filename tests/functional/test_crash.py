@@ -26,6 +26,7 @@ from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
+from tests import ovirt_fixtures
 from tests import qemuio
 from tests.functional import crash_ops
 from tests.functional.conftest import leftovers
@@ -41,7 +42,8 @@ MATRIX: list[tuple[str, str, str, str]] = []
 def golden(tmp_path_factory):
     """A pool with a 3-snapshot chain, a template and a second domain;
     an image with a side branch (``img_b``) and one over the template
-    (``thin``)."""
+    (``thin``); a V4 domain (``sd4``, next to the second) with a chain
+    and an image over a template, for ``upgrade``."""
     work = str(tmp_path_factory.mktemp("golden"))
     mnt1, mnt2 = os.path.join(work, "mnt1"), os.path.join(work, "mnt2")
     os.mkdir(mnt1)
@@ -76,7 +78,8 @@ def golden(tmp_path_factory):
     qemuio.write_pattern(leaf.path, "qcow2", 2 * MiB, MiB, 0x70)
     ctx = {"sd": sd, "sd2": sd2, "img": img, "snaps": snaps, "tmpl": tmpl,
            "raw_file": raw_file, "img_b": img_b, "b_snaps": b_snaps,
-           "thin": thin}
+           "thin": thin,
+           "sd4": ovirt_fixtures.make_v4_domain(pool, mnt2, raw_file)}
     with open(os.path.join(work, "ctx.json"), "w") as f:
         json.dump(ctx, f)
     # Every view by (domain, image, snapshot id | "leaf" | "template"),
@@ -260,6 +263,9 @@ def check_world(pool, ctx, before, report, op=None):
             assert after[key] == value, f"data of {key} changed"
     if op is not None:
         check_views(op, ctx, full)
+    if op == "upgrade":
+        # Recovery finished the upgrade, wherever it was killed.
+        ovirt_fixtures.check_v5(pool.domain(ctx["sd4"]))
     outcome = ",".join(f"{n}:{o}" for n, o in report.recovered) or "clean"
     return outcome + (f" +{len(report.repaired)} removed"
                       if report.repaired else "")
@@ -315,6 +321,8 @@ def effects(op, ctx):
     elif op == "copy_thin":
         copies(sd, tmpl, sd2)
         copies(sd, ctx["thin"], sd2)
+    elif op == "upgrade":
+        pass    # metadata only: every view stays
     elif op == "delete":
         for key in before:
             if key[:2] == (sd, img):

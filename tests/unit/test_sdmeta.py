@@ -401,3 +401,85 @@ def test_accepts_enum_strings():
     assert md.type is sc.DomainType.POSIXFS
     assert md.cls is sc.DomainClass.BACKUP
     assert md.role is sc.DomainRole.REGULAR
+
+
+# Files vdsm wrote (tests/fixtures/ovirt, README.md there): V3 read, and
+# the upgrade and attach writes byte for byte.
+
+
+def _fixture_metadata(name):
+    from tests import ovirt_fixtures
+    entry = ovirt_fixtures.manifest()[name]
+    path = f"{ovirt_fixtures.FIXTURES}/{entry['mount']}/{entry['sd_id']}" \
+        "/dom_md/metadata"
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _golden(name):
+    from tests import ovirt_fixtures
+    return ovirt_fixtures.golden(name)
+
+
+def test_read_v3():
+    data = _fixture_metadata("v3")
+    md = sdmeta.parse(data)
+    assert md.version == 3
+    assert md.pool_id == "" and sdmeta.is_detached(md)
+    assert (md.block_size, md.alignment) == (512, sc.MiB)
+    assert md.extra == {}
+    assert sdmeta.format_metadata(md) == data
+
+
+def test_upgrade_v3_to_v4_as_vdsm():
+    md = sdmeta.parse(_fixture_metadata("v3"))
+    assert sdmeta.format_metadata(sdmeta.upgraded(md, 4)) == \
+        _golden("v3-to-v4.metadata")
+
+
+def test_upgrade_v4_to_v5_as_vdsm():
+    """BLOCK_SIZE and ALIGNMENT added, LOGBLKSIZE and PHYBLKSIZE gone."""
+    md = sdmeta.parse(_golden("v4-blksize.metadata"))
+    assert md.extra == {"LOGBLKSIZE": "512", "PHYBLKSIZE": "512"}
+    new = sdmeta.upgraded(md, 5)
+    assert (new.version, new.block_size, new.alignment) == (5, 512, sc.MiB)
+    assert sdmeta.format_metadata(new) == _golden("v4-to-v5.metadata")
+
+
+@pytest.mark.parametrize("version,target", [(3, 5), (4, 4), (5, 6),
+                                            (4, 3)])
+def test_upgrade_one_version_at_a_time(version, target):
+    md = sdmeta.parse(_fixture_metadata("v4")).replace(version=version)
+    with pytest.raises(errors.InvalidParameter):
+        sdmeta.upgraded(md, target)
+
+
+def test_attach_former_master_as_vdsm():
+    """attachSD + activateSD: POOL_UUID, ROLE=Regular, MASTER_VERSION=0;
+    the other pool keys of the former master are kept."""
+    md = sdmeta.parse(_fixture_metadata("v5-detached"))
+    assert sdmeta.is_detached(md) and md.role == sc.DomainRole.REGULAR
+    new = sdmeta.attached(md, "66666666-6666-4666-8666-000000000001")
+    assert sdmeta.format_metadata(new) == _golden("v5-attached.metadata")
+    assert new.extra["POOL_SPM_LVER"] == "7"
+
+
+def test_attach_master_of_another_pool():
+    md = sdmeta.parse(V5_FILE)
+    assert not sdmeta.is_detached(md)
+    new = sdmeta.attached(md, SD_ID.replace("c3b2", "aaaa"))
+    assert new.role == sc.DomainRole.REGULAR
+    assert new.extra["MASTER_VERSION"] == "0"
+    assert {k: v for k, v in new.extra.items() if k != "MASTER_VERSION"} \
+        == {k: v for k, v in md.extra.items() if k != "MASTER_VERSION"}
+
+
+def test_attach_without_master_keys_adds_none():
+    md = sdmeta.parse(_fixture_metadata("v4"))
+    assert sdmeta.attached(md, POOL_ID).extra == {}
+
+
+def test_blank_pool_is_detached():
+    md = sdmeta.parse(_fixture_metadata("v4")).replace(
+        pool_id=sc.BLANK_UUID)
+    assert sdmeta.is_detached(md)
