@@ -274,7 +274,8 @@ def _image_walk(walk: demo.Walk, drv: Any, ctx: Any, sd1: str,
     if uri:
         from_image = _volume(ctx, sd1, 1)
         with walk.step("clone_image from the Glance location") as notes:
-            meta = {"id": _shared["image_id"], "disk_format": "qcow2"}
+            meta = {"id": _shared["image_id"], "disk_format": "qcow2",
+                    "container_format": "bare"}
             _, cloned = drv.clone_image(
                 ctx, from_image, (uri, [{"url": uri, "metadata": {}}]),
                 meta, None)

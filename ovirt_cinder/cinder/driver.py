@@ -51,6 +51,7 @@ from ovirt_cinder.cinder import options
 from ovirt_cinder.cinder.translate import engine_errors
 from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import inspect
 from ovirt_cinder.storage import validate
@@ -196,10 +197,24 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             LOG.info("Volume %s is already gone", volume.id)
             return
         with engine_errors(volume_id=volume.id):
-            snaps = self._pool.image(sd_id, volume.name_id).snapshots()
-            if snaps:
+            tree = self._pool.image(sd_id, volume.name_id)
+            if tree.snapshots():
                 raise exception.VolumeIsBusy(volume_name=volume.name)
+            copies = _template_copies(tree)
             self._pool.delete_image(sd_id, volume.name_id)
+        for tmpl_img in copies:
+            self._collect_template_copy(sd_id, tmpl_img)
+
+    def _collect_template_copy(self, sd_id: str, tmpl_img: str) -> None:
+        """Remove the copy of a Glance template that clone_image made in
+        this domain, if no volume uses it and the image is deleted."""
+        try:
+            if self._pool.collect_template_copy(sd_id, tmpl_img):
+                LOG.info("Removed the unused copy of image %s in domain "
+                         "%s", tmpl_img, sd_id)
+        except errors.StorageError as e:
+            LOG.warning("Could not collect the copy of image %s in domain "
+                        "%s (kept): %s", tmpl_img, sd_id, e)
 
     def extend_volume(self, volume: Any, new_size: int) -> None:
         sd_id = self._sd_id(volume)
@@ -317,13 +332,15 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         meta = image_service.show(context, image_id)
         limit = self.configuration.ovirt_max_image_virtual_size_gb * GiB
         with _downloaded(context, image_service, image_id, volume) as tmp:
-            with engine_errors(image_id=image_id):
+            with engine_errors(image_id=image_id, hide={tmp: image_id}):
                 found = inspect.inspect_untrusted(
                     tmp, declared_format=meta.get("disk_format"),
-                    max_virtual_size=min(limit, volume.size * GiB))
+                    max_virtual_size=min(limit, volume.size * GiB),
+                    name=image_id)
             LOG.info("Image %s is %s, virtual size %d", image_id,
                      found.format, found.virtual_size)
-            with engine_errors(volume_id=volume.id, image_id=image_id):
+            with engine_errors(volume_id=volume.id, image_id=image_id,
+                               hide={tmp: f"image {image_id}"}):
                 self._pool.delete_image(sd_id, volume.name_id)
                 self._pool.import_volume(
                     sd_id, volume.name_id, tmp,
@@ -360,24 +377,35 @@ class OvirtVolumeDriver(driver.VolumeDriver):
                 LOG.warning("Ignoring image location %s: %s", url, e)
                 continue
             if found and found[0] == self._pool.pool_id:
-                self._thin_clone(volume, *found[1:])
-                return None, True
+                cloned = self._thin_clone(volume, image_meta, *found[1:])
+                return None, cloned
         return None, False
 
-    def _thin_clone(self, volume: Any, tmpl_sd: str, tmpl_img: str,
-                    tmpl_vol: str) -> None:
+    def _thin_clone(self, volume: Any, image_meta: dict, tmpl_sd: str,
+                    tmpl_img: str, tmpl_vol: str) -> bool:
+        """An overlay on the template; False (not cloned) when the
+        template is no copy-on-write base for this image."""
         sd_id = self._target_sd_id(volume)
         with engine_errors(volume_id=volume.id):
             tmpl = self._pool.image(tmpl_sd, tmpl_img).template()
             if tmpl is None or tmpl.vol_id != tmpl_vol:
                 raise exception.ImageUnacceptable(
                     image_id=tmpl_img, reason="not a template volume")
+            reason = _not_a_cow_base(tmpl, image_meta or {})
+            if reason:
+                LOG.info("Image %s is not cloned from its template (%s); "
+                         "Cinder copies it", tmpl_img, reason)
+                return False
             if not self._pool.domain(sd_id).has_image(tmpl_img):
+                # Under the template's leases: concurrent first uses wait
+                # for the first copy and reuse it.
                 LOG.info("Copying template %s to domain %s", tmpl_img,
                          sd_id)
-                self._pool.copy_image(tmpl_sd, tmpl_img, sd_id)
+                self._pool.copy_image(tmpl_sd, tmpl_img, sd_id,
+                                      template_copy=True)
             self._pool.thin_clone(sd_id, tmpl_img, volume.name_id,
                                   size=volume.size * GiB)
+        return True
 
     # Migration
 
@@ -402,8 +430,13 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         src_sd = self._sd_id(volume)
         if src_sd != dst_sd:
             with engine_errors(volume_id=volume.id):
+                copies = _template_copies(
+                    self._pool.image(src_sd, volume.name_id))
                 self._pool.copy_image(src_sd, volume.name_id, dst_sd,
                                       move=True)
+            # The volume no longer links the template copy it left.
+            for tmpl_img in copies:
+                self._collect_template_copy(src_sd, tmpl_img)
         return True, None
 
     def retype(self, context: Any, volume: Any, new_type: Any, diff: Any,
@@ -553,6 +586,38 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             "ovirt_domain_type": str(dom.metadata.type),
             "ovirt_copy_offload": conf.ovirt_copy_offload,
         }
+
+
+def _not_a_cow_base(tmpl: Any, image_meta: dict) -> str | None:
+    """Why the template ``tmpl`` may not be the copy-on-write base of the
+    Glance image ``image_meta`` describes (None: it may).
+
+    The template's real format (the format the store detected, else its
+    volume format) must be raw or qcow2, agree with its volume format, and
+    be the image's ``disk_format`` in a ``bare`` container.
+    """
+    real = description.get(tmpl.meta.description, "fmt") or tmpl.qemu_format
+    if tmpl.meta.disktype == sc.DiskType.ISOF:
+        real = "iso"
+    if real not in _FORMATS:
+        return f"its content is {real}"
+    if _FORMATS[real] != tmpl.meta.format:
+        return f"its content is {real} in a {tmpl.meta.format} volume"
+    container = image_meta.get("container_format")
+    if container != "bare":
+        return f"container_format is {container}, not bare"
+    declared = image_meta.get("disk_format")
+    if declared != real:
+        return f"disk_format is {declared}, its content is {real}"
+    return None
+
+
+def _template_copies(tree: Any) -> list[str]:
+    """The template copies (made by clone_image in another domain than
+    the original's) that the image ``tree`` links."""
+    return sorted({v.meta.image for v in tree.volumes.values()
+                   if v.meta.image != tree.img_id
+                   and description.get(v.meta.description, "copy")})
 
 
 def _provisioned(pool: StoragePool, sd_id: str) -> int:

@@ -70,7 +70,8 @@ Related options:
         help="""
 Largest virtual size, in GiB, of an image accepted by
 copy_image_to_volume. Larger images are refused before any data is
-written.
+written. ``ovirt-storage volume import`` applies the same default
+(``--max-virtual-size``, 1 TiB).
 
 Possible values:
     * A number of GiB

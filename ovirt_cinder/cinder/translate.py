@@ -14,12 +14,16 @@ any other StorageError                  VolumeBackendAPIException
 ======================================  ===================================
 
 The original engine error stays the ``__cause__`` of the Cinder one.
+``hide`` maps paths that must not appear in the Cinder exception's message
+(the driver's staging files) to what is said instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from collections.abc import Mapping
 
 from cinder import exception
 
@@ -30,16 +34,30 @@ __all__ = ["engine_errors"]
 
 @contextlib.contextmanager
 def engine_errors(volume_id: str = "", snapshot_id: str = "",
-                  image_id: str = "") -> Iterator[None]:
+                  image_id: str = "", hide: Mapping[str, str] | None = None
+                  ) -> Iterator[None]:
     """Re-raise engine errors inside the block as Cinder exceptions."""
     try:
         yield
     except errors.StorageError as e:
-        raise _cinder_error(e, volume_id, snapshot_id, image_id) from e
+        raise _cinder_error(e, volume_id, snapshot_id, image_id,
+                            hide or {}) from e
+
+
+def _scrub(text: str, hide: Mapping[str, str]) -> str:
+    """``text`` with each hidden path (or its file name) replaced."""
+    for path, name in hide.items():
+        text = text.replace(path, name)
+        base = os.path.basename(path)
+        if base:
+            text = text.replace(base, name)
+    return text
 
 
 def _cinder_error(e: errors.StorageError, volume_id: str,
-                  snapshot_id: str, image_id: str) -> Exception:
+                  snapshot_id: str, image_id: str,
+                  hide: Mapping[str, str]) -> Exception:
+    text = _scrub(str(e), hide)
     if isinstance(e, errors.SnapshotNotFound):
         return exception.SnapshotNotFound(snapshot_id=snapshot_id or e)
     if isinstance(e, (errors.ImageNotFound, errors.VolumeNotFound)):
@@ -47,7 +65,7 @@ def _cinder_error(e: errors.StorageError, volume_id: str,
     if isinstance(e, (errors.ImageIsBusy, errors.LeaseTimeout)):
         return exception.VolumeIsBusy(volume_name=volume_id or e)
     if isinstance(e, errors.UnsafeImage):
-        return exception.ImageUnacceptable(image_id=image_id, reason=str(e))
+        return exception.ImageUnacceptable(image_id=image_id, reason=text)
     if isinstance(e, (errors.InvalidOperation, errors.InvalidParameter)):
-        return exception.InvalidVolume(reason=str(e))
-    return exception.VolumeBackendAPIException(data=str(e))
+        return exception.InvalidVolume(reason=text)
+    return exception.VolumeBackendAPIException(data=text)

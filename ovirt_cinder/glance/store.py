@@ -32,10 +32,16 @@ one rename, no copy). The stored bytes are exactly the uploaded bytes, so
   (``FORMAT=RAW``) and marked so that ``clone_image`` refuses to overlay
   them: an ISO gets ``DISKTYPE=ISOF``, and every template records the
   detected format in its DESCRIPTION as ``{"fmt": ..., "tmpl": <image>}``;
-  only ``fmt`` ``raw`` and ``qcow2`` are copy-on-write bases;
-- a qcow2 with a backing file or an external data file, and anything the
-  format inspector calls unsafe, is refused (:class:`UnsafeImageRejected`,
-  a ``ValueError``, which Glance answers with 400), with nothing left.
+  only ``fmt`` ``raw`` and ``qcow2`` are copy-on-write bases, and only
+  for an image whose ``disk_format`` is that format in a ``bare``
+  container (the driver checks; otherwise Cinder converts a copy);
+- a qcow2 with a backing file or an external data file, an image with
+  structural damage (``qemu-img check`` finds corruptions: tables past
+  the end of the file, overlapping metadata, bad refcounts), and anything
+  the format inspector calls unsafe, is refused
+  (:class:`UnsafeImageRejected`, a ``ValueError``, which Glance answers
+  with 400), with nothing left. Messages name the image id, never the
+  staging file.
 
 Any failure removes the staging file, and the engine's flow removes a
 half-built image, so no partial data stays behind.
@@ -43,6 +49,9 @@ half-built image, so no partial data stays behind.
 ``delete`` removes the template image at once. Cinder volumes made from it
 hard-link the template volume into their own image (DESIGN.md section 3),
 so their chains stay whole; the data is freed when the last of them goes.
+Copies of the template that the Cinder driver made in other domains
+(marked ``copy`` in their DESCRIPTION) are removed too when no volume
+links them; otherwise the driver removes each with its last volume.
 """
 
 from __future__ import annotations
@@ -193,7 +202,11 @@ def _chunks(path: str, offset: int, length: int,
 
 @contextlib.contextmanager
 def _store_errors(img_id: str) -> Iterator[None]:
-    """Engine and OS errors of ``add`` as glance_store exceptions."""
+    """Engine and OS errors of ``add`` as glance_store exceptions.
+
+    Messages name the image, never the staging file (an internal path):
+    inspection errors already name the image id, the others are reworded.
+    """
     try:
         yield
     except errors.ImageExists as e:
@@ -201,14 +214,17 @@ def _store_errors(img_id: str) -> Iterator[None]:
     except errors.NoSpace as e:
         raise exceptions.StorageFull(message=str(e)) from e
     except upload.UploadTooLarge as e:
-        raise UnsafeImageRejected(reason=str(e)) from e
+        raise UnsafeImageRejected(
+            reason=f"image {img_id} is over the limit of {e.limit} "
+            "bytes") from e
     except errors.UnsafeImage as e:
         raise UnsafeImageRejected(reason=str(e)) from e
     except OSError as e:
+        text = f"image {img_id}: {e.strerror or e}"
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise exceptions.StorageFull(message=str(e)) from e
+            raise exceptions.StorageFull(message=text) from e
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise exceptions.StorageWriteDenied(message=str(e)) from e
+            raise exceptions.StorageWriteDenied(message=text) from e
         raise
 
 
@@ -378,7 +394,8 @@ class Store(driver.Store):
     def _publish(self, sd_id: str, img_id: str, path: str) -> image.Volume:
         """Inspect the staged file, then move it in as the template."""
         limit = self._options.ovirt_max_image_size or None
-        found = inspect.inspect_untrusted(path, max_virtual_size=limit)
+        found = inspect.inspect_untrusted(path, max_virtual_size=limit,
+                                          name=img_id)
         fmt = (sc.VolumeFormat.COW if found.format == "qcow2"
                else sc.VolumeFormat.RAW)
         # A COW volume's capacity is the guest's size; a RAW one serves
@@ -398,7 +415,12 @@ class Store(driver.Store):
     @capabilities.check
     def delete(self, location: glance_location.Location,
                context: Any = None) -> None:
-        """Remove the template image; dependents keep their hard links."""
+        """Remove the template image; dependents keep their hard links.
+
+        Then remove the copies the Cinder driver made of it in the other
+        domains that no volume uses any more; a copy still in use goes
+        with its last volume (the driver's ``delete_volume``).
+        """
         vol = self._volume(location)
         loc = location.store_location
         try:
@@ -407,5 +429,20 @@ class Store(driver.Store):
             raise exceptions.NotFound(image=loc.get_uri()) from e
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise exceptions.StorageWriteDenied(message=str(e)) from e
+                raise exceptions.StorageWriteDenied(
+                    message=f"image {loc.img_id}: {e.strerror or e}") from e
             raise
+        self._collect_copies(loc.sd_id, vol.meta.image)
+
+    def _collect_copies(self, sd_id: str, img_id: str) -> None:
+        pool = self.pool
+        for other in sorted(pool.domains):
+            if other == sd_id or not pool.domain(other).has_image(img_id):
+                continue
+            try:
+                if pool.collect_template_copy(other, img_id):
+                    LOG.info("Removed the unused copy of image %s in "
+                             "domain %s", img_id, other)
+            except (errors.StorageError, OSError) as e:
+                LOG.warning("Could not remove the copy of image %s in "
+                            "domain %s (kept): %s", img_id, other, e)

@@ -10,6 +10,13 @@ object and preserve anything else we find:
 ``tmpl``
     On a template (SHARED) volume: the id it was published under (a Glance
     image id).
+``fmt``
+    On a template stored by the Glance store: the format detected on
+    upload (only ``raw`` and ``qcow2`` are copy-on-write bases).
+``copy``
+    On a copy of a template made for the thin clones of another domain:
+    the domain of the original. The copy is removed once no image links
+    it and the original is gone (``StoragePool.collect_template_copy``).
 
 A description that is not a JSON object is treated as opaque free text.
 """

@@ -3,7 +3,8 @@
 :func:`inspect_untrusted` is the gate every uploaded or downloaded image
 passes before any other tool opens it. It applies these rules, in order,
 and rejects with :class:`errors.UnsafeImage` (or its subclasses
-:class:`errors.FormatMismatch` and :class:`errors.ImageTooLarge`):
+:class:`errors.FormatMismatch`, :class:`errors.ImageTooLarge` and
+:class:`errors.CorruptImage`):
 
 1. Detection: the oslo.utils format inspector reads the headers of the file
    (never following references). Content matching several formats is
@@ -30,9 +31,23 @@ and rejects with :class:`errors.UnsafeImage` (or its subclasses
 7. ``qemu-img info -f <qemu name>`` under CPU and address-space limits
    (:func:`qemuimg.info` with ``untrusted=True``). If it fails the image is
    unsafe (the QemuImgError is the cause); if it reports a backing file
-   or a data file anyway, the image is unsafe.
+   or a data file anyway, the image is unsafe. A qcow2 whose header has
+   the ``corrupt`` bit set is :class:`errors.CorruptImage`.
 8. ``max_virtual_size``: the larger of qemu-img's and the inspector's
    virtual size must not exceed it.
+9. Structure: ``qemu-img check -f <qemu name>`` under the same limits
+   (:func:`qemuimg.check` with ``untrusted=True``). Any corruption (a
+   table or cluster past the end of the file, a refcount table out of
+   range, metadata overlapping other metadata, a refcount that does not
+   match the references: everything qemu-img counts as ``corruptions``)
+   or ``check-errors``, or a check that cannot complete (the image cannot
+   be opened), is :class:`errors.CorruptImage`. Leaked clusters
+   (allocated but unused: space, never data) are accepted and logged.
+   Formats without checks (raw, vpc) pass.
+
+``name`` (an image id, say) stands for ``path`` in every error: it is the
+error's ``path`` and replaces the path wherever qemu-img's messages name
+the file, so a caller's staging file never shows in a message.
 
 A LUKS image fails rule 7 (qemu-img needs the key); OSError from opening
 the file (a missing path) is not caught.
@@ -40,6 +55,8 @@ the file (a missing path) is not caught.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -49,6 +66,8 @@ from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import qemuimg
 
 __all__ = ["InspectedImage", "inspect_untrusted", "qemu_format"]
+
+LOG = logging.getLogger(__name__)
 
 # Inspector names that are a raw disk to us.
 _RAW_ALIASES = {"gpt": "raw", "mbr": "raw"}
@@ -86,8 +105,23 @@ class InspectedImage:
 def inspect_untrusted(path: str, *, declared_format: str | None = None,
                       max_virtual_size: int | None = None,
                       allowed_formats: Collection[str] | None = None,
-                      ) -> InspectedImage:
-    """Inspect untrusted image bytes; raise UnsafeImage if unusable."""
+                      name: str | None = None) -> InspectedImage:
+    """Inspect untrusted image bytes; raise UnsafeImage if unusable.
+
+    Errors name the image ``name`` (default ``path``), never ``path``.
+    """
+    try:
+        return _inspect(path, declared_format, max_virtual_size,
+                        allowed_formats)
+    except errors.UnsafeImage as e:
+        if name is None or name == path:
+            raise
+        raise _renamed(e, path, name) from e
+
+
+def _inspect(path: str, declared_format: str | None,
+             max_virtual_size: int | None,
+             allowed_formats: Collection[str] | None) -> InspectedImage:
     inspector = _detect(path)
     fmt = _RAW_ALIASES.get(str(inspector), str(inspector))
     if fmt == "raw":
@@ -100,6 +134,7 @@ def inspect_untrusted(path: str, *, declared_format: str | None = None,
     if max_virtual_size is not None and size > max_virtual_size:
         raise errors.ImageTooLarge(path=path, size=size,
                                    limit=max_virtual_size)
+    _qemu_check(path, fmt)
     return InspectedImage(path=path, format=fmt,
                           virtual_size=info.virtual_size,
                           actual_size=info.actual_size)
@@ -195,4 +230,39 @@ def _qemu_info(path: str, fmt: str) -> qemuimg.ImageInfo:
     if info.data_file:
         raise errors.UnsafeImage(
             path=path, reason=f"data file {info.data_file!r}")
+    if info.corrupt:
+        raise errors.CorruptImage(
+            path=path, reason="the qcow2 header is marked corrupt")
     return info
+
+
+def _qemu_check(path: str, fmt: str) -> None:
+    """qemu-img check under limits: no corruptions, no errors (rule 9)."""
+    try:
+        result = qemuimg.check(path, fmt=qemu_format(fmt), untrusted=True)
+    except errors.QemuImgError as e:
+        raise errors.CorruptImage(
+            path=path, reason=f"qemu-img check failed: {e.err}") from e
+    if result.corruptions or result.check_errors:
+        raise errors.CorruptImage(
+            path=path, reason=f"qemu-img check found {result.corruptions} "
+            f"corruptions and {result.check_errors} check errors")
+    if result.leaks:
+        LOG.info("Image %s has %d leaked clusters (accepted: unused "
+                 "space, no data)", path, result.leaks)
+
+
+def _renamed(e: errors.UnsafeImage, path: str,
+             name: str) -> errors.UnsafeImage:
+    """``e`` again, with ``name`` wherever it named ``path``."""
+    base = os.path.basename(path)
+
+    def scrub(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        value = value.replace(path, name)
+        return value.replace(base, name) if base else value
+
+    fields = {k: scrub(v) for k, v in vars(e).items()}
+    fields["path"] = name
+    return type(e)(**fields)

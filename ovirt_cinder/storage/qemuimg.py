@@ -11,6 +11,7 @@ Behaviour worth knowing (qemu-img 7.2):
 - ``info(untrusted=True)`` runs ``prlimit --cpu=30 --as=1073741824
   qemu-img info -f FMT ...``: the format must be given (probing untrusted
   bytes is never done) and the backing chain is never opened.
+  ``check(untrusted=True)`` runs under the same limits.
 - ``convert`` always writes sparse output (qemu-img's default ``-S 4k``;
   ``-S`` is never passed, so ``-C`` stays usable). With ``backing`` it
   passes ``-B backing -F backing_fmt``: qemu-img then copies only the
@@ -316,15 +317,19 @@ def measure(path: str, *, fmt: str, out_fmt: str,
                    fully_allocated=data["fully-allocated"])
 
 
-def check(path: str, *, fmt: str = "qcow2",
+def check(path: str, *, fmt: str = "qcow2", untrusted: bool = False,
           timeout: float | None = None) -> CheckResult:
-    """Check image consistency; corruptions and leaks are results."""
+    """Check image consistency; corruptions and leaks are results.
+
+    ``untrusted`` runs it under the same CPU and address-space limits as
+    ``info(untrusted=True)``.
+    """
     args = ["check", "--output", "json", "-f", fmt, path]
-    rc, out, err = _execute(args, timeout=timeout)
+    rc, out, err = _execute(args, limits=untrusted, timeout=timeout)
     if rc == CHECK_NOT_SUPPORTED:
         return CheckResult(0, 0, 0, None)
     if rc not in (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS):
-        raise _error(args, rc, out, err)
+        raise _error(args, rc, out, err, untrusted)
     data = _loads(out, args)
     return CheckResult(corruptions=data.get("corruptions", 0),
                        leaks=data.get("leaks", 0),

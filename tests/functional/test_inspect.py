@@ -16,6 +16,7 @@ from ovirt_cinder.storage.constants import MiB
 from ovirt_cinder.storage.inspect import InspectedImage
 from ovirt_cinder.storage.inspect import inspect_untrusted
 from ovirt_cinder.storage.inspect import qemu_format
+from tests import damaged
 from tests import qemuio
 
 ISO_BLOCK = 2048
@@ -277,3 +278,91 @@ def test_qemu_info_rechecks_data_file(tmp_path):
                            f"data_file={tmp_path / 'data'}")
     with pytest.raises(errors.UnsafeImage, match="data file"):
         inspect._qemu_info(path, "qcow2")
+
+
+# Structural damage (rule 9): qemu-img check under limits
+
+
+@pytest.mark.parametrize("damage", sorted(damaged.DAMAGES))
+def test_damaged_qcow2_refused(tmp_path, damage):
+    path = damaged.DAMAGES[damage](str(tmp_path / "img.qcow2"))
+    with pytest.raises(errors.UnsafeImage) as e:
+        inspect_untrusted(path, declared_format="qcow2")
+    if damage in damaged.CHECK_FINDS:
+        assert isinstance(e.value, errors.CorruptImage)
+        assert "damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", sorted(damaged.CHECK_FINDS - {
+    "marked_corrupt"}))
+def test_check_counts_corruptions(tmp_path, damage):
+    path = damaged.DAMAGES[damage](str(tmp_path / "img.qcow2"))
+    # qemu-img itself opens these: only its check sees the damage.
+    assert qemuimg.info(path, "qcow2", untrusted=True).format == "qcow2"
+    with pytest.raises(errors.CorruptImage, match="corruptions"):
+        inspect_untrusted(path)
+
+
+def test_leaks_accepted_and_logged(tmp_path, caplog):
+    path = damaged.leaked(str(tmp_path / "img.qcow2"))
+    assert qemuimg.check(path).leaks == 1
+    caplog.set_level("INFO", logger="ovirt_cinder.storage.inspect")
+    image = inspect_untrusted(path, declared_format="qcow2")
+    assert image.format == "qcow2"
+    assert "1 leaked clusters" in caplog.text
+
+
+def test_check_failure_is_corrupt(tmp_path, monkeypatch):
+    path = damaged.healthy(str(tmp_path / "img.qcow2"))
+
+    def failing(*args, **kwargs):
+        raise errors.QemuImgError(cmd="check", rc=1, out="",
+                                  err=f"qemu-img: Could not open '{path}'",
+                                  argv=[])
+
+    monkeypatch.setattr(qemuimg, "check", failing)
+    with pytest.raises(errors.CorruptImage, match="check failed"):
+        inspect_untrusted(path)
+
+
+def test_check_runs_under_limits(tmp_path, monkeypatch):
+    path = damaged.healthy(str(tmp_path / "img.qcow2"))
+    seen = []
+    real = qemuimg._execute
+
+    def execute(args, **kwargs):
+        seen.append((args[0], kwargs.get("limits")))
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "_execute", execute)
+    inspect_untrusted(path)
+    assert ("info", True) in seen and ("check", True) in seen
+
+
+def test_raw_and_iso_pass_the_check(tmp_path):
+    # qemu-img has no checks for raw: nothing to refuse.
+    assert inspect_untrusted(raw_file(tmp_path)).format == "raw"
+    assert inspect_untrusted(iso_file(tmp_path)).format == "iso"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_length"])
+def test_name_hides_the_path(tmp_path, damage):
+    staging = tmp_path / ".tmp-staging-upload-1234"
+    path = damaged.DAMAGES[damage](str(staging))
+    with pytest.raises(errors.UnsafeImage) as e:
+        inspect_untrusted(path, name="image-42")
+    assert e.value.path == "image-42"
+    assert str(tmp_path) not in str(e.value)
+    assert ".tmp-staging" not in str(e.value)
+    assert "image-42" in str(e.value)
+
+
+def test_name_in_size_and_format_errors(tmp_path):
+    path = qemu_img_create(tmp_path / ".tmp-x", "qcow2", 10 * GiB)
+    with pytest.raises(errors.ImageTooLarge) as e:
+        inspect_untrusted(path, max_virtual_size=GiB, name="img")
+    assert (e.value.path, e.value.size) == ("img", 10 * GiB)
+    assert ".tmp-x" not in str(e.value)
+    with pytest.raises(errors.FormatMismatch) as e:
+        inspect_untrusted(path, declared_format="raw", name="img")
+    assert str(e.value) == "Image img declared as raw but is qcow2"

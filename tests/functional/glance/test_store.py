@@ -17,7 +17,9 @@ from glance_store import exceptions
 from ovirt_cinder.glance import store as ovirt_store
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
+from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import qemuimg
+from tests import damaged
 from tests import qemuio
 from tests.functional.glance.conftest import staged_leftovers
 from tests.unit.glance import fixtures
@@ -200,6 +202,44 @@ def test_unsafe_refused(glance_store, glance_pool, tmp_path, make):
     assert staged_leftovers(glance_pool) == []
     # The id is free again for a good upload.
     add_bytes(glance_store, IMAGE_BITS, img_id)
+
+
+@pytest.mark.parametrize("damage", sorted(damaged.DAMAGES))
+def test_damaged_refused(glance_store, glance_pool, tmp_path, damage):
+    path = damaged.DAMAGES[damage](str(tmp_path / "damaged.qcow2"))
+    img_id = uid()
+    with pytest.raises(ovirt_store.UnsafeImageRejected) as e:
+        add_file(glance_store, path, img_id)
+    message = str(e.value)
+    assert img_id in message
+    # The staging file (<mount>/.tmp-<sd>-upload-<uuid>) is never named.
+    assert ".tmp-" not in message
+    assert glance_pool.master.mount not in message
+    if damage in damaged.CHECK_FINDS:
+        assert "damaged" in message
+    assert glance_pool.list_images(glance_pool.master.sd_id) == []
+    assert staged_leftovers(glance_pool) == []
+    assert fsck.check(glance_pool).clean
+
+
+def test_leaked_clusters_stored(glance_store, glance_conf, glance_pool,
+                                tmp_path):
+    # Leaks are unused space, not damage: stored byte for byte.
+    src = damaged.leaked(str(tmp_path / "leaked.qcow2"))
+    uri = add_file(glance_store, src)[0]
+    assert read_all(glance_store, uri, glance_conf) == file_bytes(src)
+    assert template(glance_pool, uri).meta.format == sc.VolumeFormat.COW
+
+
+def test_too_large_upload_message_hides_staging(glance_store, glance_conf,
+                                                glance_pool, monkeypatch):
+    monkeypatch.setattr(glance_store._options, "ovirt_max_image_size", 1)
+    monkeypatch.setattr(ovirt_store, "_QCOW2_SLACK", 0)
+    img_id = uid()
+    with pytest.raises(ovirt_store.UnsafeImageRejected) as e:
+        add_bytes(glance_store, IMAGE_BITS, img_id)
+    assert img_id in str(e.value) and ".tmp-" not in str(e.value)
+    assert staged_leftovers(glance_pool) == []
 
 
 # Delete semantics
