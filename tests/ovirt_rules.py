@@ -32,6 +32,13 @@ bug here. Sanlock areas are read by the ``sanlock`` program itself.
     data, ``.meta`` (at most 512 bytes, ``DOMAIN`` the sd id, ending
     with ``EOF``) and ``.lease``: the resource ``<vol>`` of lockspace sd
     id at offset 0, ALIGNMENT long. No other names (work in progress).
+Image shape (vdsm's ``getChain`` and ``isLegal``)
+    among the volumes whose ``IMAGE`` is the image, a lone SHARED volume
+    (a template) or exactly one LEAF, from which the ``PUUID`` links
+    reach the blank UUID, or a SHARED volume of another image, without a
+    loop; every volume of the directory LEGAL. Volumes outside the leaf's
+    chain (snapshots kept after a revert) are allowed as long as none is
+    a LEAF.
 Modes and owners
     files 0660, directories (the domain, ``dom_md``, ``images``, each
     image, ``master``) 0775; the owner and group when given.
@@ -234,6 +241,51 @@ def check_volume(directory: str, vol_id: str, sd_id: str, block_size: int,
         problems.append(f"{lease}: no resource {sd_id}:{vol_id}: {rows}")
 
 
+BLANK = "00000000-0000-0000-0000-000000000000"
+
+
+def _volume_records(directory: str) -> dict[str, dict[str, str]]:
+    records = {}
+    for name in os.listdir(directory):
+        if name.endswith(".meta"):
+            with open(os.path.join(directory, name), "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            records[name[:-5]] = dict(
+                line.split("=", 1) for line in lines if "=" in line)
+    return records
+
+
+def check_image_shape(directory: str, problems: list[str]) -> None:
+    """vdsm's getChain: one LEAF (or a lone SHARED volume) and a chain
+    from it; isLegal: every volume LEGAL."""
+    img = os.path.basename(directory)
+    records = _volume_records(directory)
+    for vol, rec in sorted(records.items()):
+        if rec.get("LEGALITY") != "LEGAL":
+            problems.append(f"{directory}/{vol}: {rec.get('LEGALITY')}")
+    own = {v: r for v, r in records.items() if r.get("IMAGE") == img}
+    if len(own) == 1 and next(iter(own.values())).get("VOLTYPE") == \
+            "SHARED":
+        return
+    leaves = [v for v, r in own.items() if r.get("VOLTYPE") == "LEAF"]
+    if len(leaves) != 1:
+        problems.append(f"{directory}: {len(leaves)} LEAF volumes")
+        return
+    seen, vol = set(), leaves[0]
+    while vol != BLANK:
+        if vol in seen or vol not in records:
+            problems.append(f"{directory}: chain broken at {vol}")
+            return
+        seen.add(vol)
+        rec = records[vol]
+        if rec.get("IMAGE") != img:
+            if rec.get("VOLTYPE") != "SHARED":
+                problems.append(f"{directory}/{vol}: a foreign parent that "
+                                "is not SHARED")
+            return
+        vol = rec.get("PUUID", BLANK)
+
+
 def check_owner_mode(path: str, mode: int, owner: int | None,
                      group: int | None, problems: list[str]) -> None:
     st = os.lstat(path)
@@ -288,6 +340,7 @@ def check_domain(path: str, *, owner: int | None = None,
         for vol_id in vols:
             check_volume(directory, vol_id, sd_id, block_size, alignment,
                          problems)
+        check_image_shape(directory, problems)
     for d in dirs:
         check_owner_mode(d, DIR_MODE, owner, group, problems)
     for f in files:

@@ -160,6 +160,13 @@ def every_operation(pool, sd1, sd2, tmp_path, mount):
                       voltype=sc.VolumeType.SHARED)
     pool.thin_clone(sd1, tmpl, uid())
     pool.copy_image(sd1, img, sd2)
+    # A revert to an older snapshot keeps the later ones as a side branch
+    # of INTERNAL volumes: vdsm's getChain still finds one LEAF.
+    snaps = [uid(), uid()]
+    for snap in snaps:
+        pool.snapshot(sd1, img, snap)
+    pool.revert_to_snapshot(sd1, img, snaps[0])
+    pool.delete_snapshot(sd1, img, snaps[0])
     return img, tmpl
 
 
@@ -323,6 +330,15 @@ def test_checker_catches_violations(pool, sd_id, tmp_path):
     assert ovirt_rules.check_domain(dom.path) == []
     broken(lambda: os.chown(lease, VDSM, os.getgid()), "owner 36",
            owner=os.getuid(), group=os.getgid())
+    os.chown(lease, os.getuid(), os.getgid())
+
+    # Two LEAF volumes in one image: vdsm's getChain picks one at random.
+    pool.snapshot(sd_id, vol.meta.image, uid())
+    base = pool.image(sd_id, vol.meta.image).get(vol.vol_id)
+    dom.write_volume_meta(vol.meta.image, vol.vol_id,
+                          base.meta.with_next_generation(
+                              voltype=sc.VolumeType.LEAF))
+    broken(lambda: None, "2 LEAF volumes")
 
 
 # sanlock_direct
