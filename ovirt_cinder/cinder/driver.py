@@ -567,10 +567,17 @@ class OvirtVolumeDriver(driver.VolumeDriver):
     def _pool_stats(self, dom: Any) -> dict:
         conf = self.configuration
         st = dom.stats()
+        free = st.free
+        if dom.metadata.version < sc.DOMAIN_VERSION:
+            # Readable, but not written until upgraded: no new volumes.
+            LOG.warning("Storage domain %s is V%d: no new volumes until "
+                        "`ovirt-storage domain upgrade %s`", dom.sd_id,
+                        dom.metadata.version, dom.sd_id)
+            free = 0
         return {
             "pool_name": dom.sd_id,
             "total_capacity_gb": round(st.total / GiB, 2),
-            "free_capacity_gb": round(st.free / GiB, 2),
+            "free_capacity_gb": round(free / GiB, 2),
             "provisioned_capacity_gb": round(_provisioned(
                 self._pool, dom.sd_id) / GiB, 2),
             "reserved_percentage": conf.reserved_percentage,
@@ -584,6 +591,7 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             "QoS_support": False,
             "location_info": self._location_info(),
             "ovirt_domain_type": str(dom.metadata.type),
+            "ovirt_domain_version": dom.metadata.version,
             "ovirt_copy_offload": conf.ovirt_copy_offload,
         }
 

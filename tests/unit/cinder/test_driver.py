@@ -30,6 +30,7 @@ from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.pool import StoragePool
 from tests import damaged
+from tests import ovirt_fixtures
 from tests import qemuio
 
 MiB, GiB = sc.MiB, sc.GiB
@@ -354,6 +355,23 @@ def test_stats_pool_per_domain(drv, sd1, sd2, created):
     assert p["max_over_subscription_ratio"] == 20.0
     assert p["multiattach"] is False
     assert p["online_extend_support"] is False
+    assert p["ovirt_domain_version"] == 5
+
+
+def test_stats_old_domain_takes_no_new_volumes(drv, sd2):
+    """A V4 domain is served (read, managed) but reports no free space,
+    so the scheduler puts no new volume there until it is upgraded."""
+    dom = drv.pool.domain(sd2)
+    ovirt_fixtures.downgrade(dom, 4)
+    pools = {p["pool_name"]: p
+             for p in drv.get_volume_stats(refresh=True)["pools"]}
+    assert pools[sd2]["ovirt_domain_version"] == 4
+    assert pools[sd2]["free_capacity_gb"] == 0
+    assert pools[sd2]["total_capacity_gb"] > 0
+    drv.pool.upgrade_domain(sd2)
+    pools = {p["pool_name"]: p
+             for p in drv.get_volume_stats(refresh=True)["pools"]}
+    assert pools[sd2]["free_capacity_gb"] > 0
 
 
 # Images
