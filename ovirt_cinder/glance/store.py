@@ -17,12 +17,15 @@ the configured pool is opened.
 
 ``add`` receives the bytes into a sparse staging file on the domain's
 filesystem (:mod:`upload`: all-zero blocks become holes), computes the md5
-checksum and the multihash and feeds the signature verifier, then inspects
-the file as untrusted (:func:`inspect.inspect_untrusted`, with
-``ovirt_max_image_size`` as the virtual size limit) and finally moves it
-into the domain as the template volume (:meth:`StoragePool.adopt_volume`,
-one rename, no copy). The stored bytes are exactly the uploaded bytes, so
-``get`` returns them unchanged:
+checksum and the multihash and feeds the signature verifier (each on its
+own thread, overlapping the writes), refuses a byte count other than a
+non-zero ``image_size`` (``Invalid``, as glance_store's filesystem store
+does), then inspects the file as untrusted
+(:func:`inspect.inspect_untrusted`, with ``ovirt_max_image_size`` as the
+virtual size limit) and finally moves it into the domain as the template
+volume (:meth:`StoragePool.adopt_volume`, one rename, no copy). The
+stored bytes are exactly the uploaded bytes, so ``get`` returns them
+unchanged:
 
 - a qcow2 upload becomes a COW template (``FORMAT=COW``) that the Cinder
   driver's ``clone_image`` overlays in O(1);
@@ -217,6 +220,10 @@ def _store_errors(img_id: str) -> Iterator[None]:
         raise UnsafeImageRejected(
             reason=f"image {img_id} is over the limit of {e.limit} "
             "bytes") from e
+    except upload.SizeMismatch as e:
+        raise exceptions.Invalid(
+            message=f"image {img_id}: size mismatch: expected "
+            f"{e.expected} bytes, got {e.actual} bytes") from e
     except errors.UnsafeImage as e:
         raise UnsafeImageRejected(reason=str(e)) from e
     except OSError as e:
@@ -356,8 +363,8 @@ class Store(driver.Store):
         dom = self.pool.domain(self._sd_id or self.pool.master.sd_id)
         with _store_errors(img_id), \
                 upload.staging_file(dom.mount, dom.sd_id) as path:
-            received = self._receive(path, image_file, hashing_algo,
-                                     verifier)
+            received = self._receive(path, image_file, image_size,
+                                     hashing_algo, verifier)
             vol = self._publish(dom.sd_id, img_id, path)
         uri = StoreLocation({"pool_id": self.pool.pool_id,
                              "sd_id": dom.sd_id, "img_id": img_id,
@@ -377,14 +384,15 @@ class Store(driver.Store):
             return
         raise exceptions.Duplicate(image=img_id)
 
-    def _receive(self, path: str, image_file: Any, hashing_algo: str,
-                 verifier: Any) -> upload.Received:
+    def _receive(self, path: str, image_file: Any, image_size: int,
+                 hashing_algo: str, verifier: Any) -> upload.Received:
         limit = self._options.ovirt_max_image_size
         try:
             return upload.receive(
                 path, image_file, hashing_algo=hashing_algo,
                 chunk_size=self.WRITE_CHUNKSIZE, verifier=verifier,
-                limit=limit + _QCOW2_SLACK if limit else None)
+                limit=limit + _QCOW2_SLACK if limit else None,
+                expected_size=image_size or None)
         except ValueError as e:
             if "unsupported hash type" in str(e):
                 raise exceptions.UnknownHashingAlgo(
