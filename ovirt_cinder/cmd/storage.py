@@ -57,7 +57,8 @@ Exit codes: 0 success; 1 ``fsck`` found problems that remain; 2 a usage
 error, a configuration error, an engine error or an OS error (printed as
 one line ``error: <message>``, never a traceback unless ``--debug``).
 The engine (and TaskFlow) and oslo.config are imported only once the
-arguments are parsed, by the commands that open a pool.
+arguments are parsed, by the commands that open a pool; ``--help`` and
+usage errors import neither.
 """
 
 from __future__ import annotations
@@ -79,15 +80,13 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import TextIO
 
-from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
-from ovirt_cinder.storage import fsck
-from ovirt_cinder.storage import image as image_mod
-from ovirt_cinder.storage import inspect
 from ovirt_cinder.storage import validate
 
 if TYPE_CHECKING:
+    from ovirt_cinder.storage import fsck
+    from ovirt_cinder.storage import image as image_mod
     from ovirt_cinder.storage.pool import StoragePool
 
 __all__ = ["Output", "ConfigError", "main", "parse_size", "settings"]
@@ -179,6 +178,8 @@ def _progress(enabled: bool, stream: TextIO) -> Iterator[None]:
     if not enabled:
         yield
         return
+    from ovirt_cinder.storage import actions
+
     saved = actions.progress_callback
     drawn = []
 
@@ -506,6 +507,8 @@ def cmd_volume_create(args: argparse.Namespace) -> Output:
 
 
 def cmd_volume_import(args: argparse.Namespace) -> Output:
+    from ovirt_cinder.storage import inspect
+
     pool = _open(args)
     pool.domain(args.domain)
     found = inspect.inspect_untrusted(
@@ -591,6 +594,9 @@ def _problem_lines(problems: list[fsck.Problem]) -> list[str]:
 
 
 def cmd_fsck(args: argparse.Namespace) -> Output:
+    # The check reads the logbook: it imports TaskFlow.
+    from ovirt_cinder.storage import fsck
+
     pool = _open(args)
     report = fsck.repair(pool) if args.repair else fsck.check(pool)
     lines = [f"recovered flow {n}: {o}" for n, o in report.recovered]
@@ -754,17 +760,23 @@ _GLOBALS = [
 ]
 
 
-def _common(own: set[str]) -> argparse.ArgumentParser:
-    """Global options also accepted after a command (unless it owns them)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    for flags, kwargs in _GLOBALS:
-        if not own.intersection(flags):
-            parent.add_argument(*flags, **kwargs, default=argparse.SUPPRESS)
-    return parent
+def _common(own: set[str], parents: dict[frozenset[str], Any]
+            ) -> argparse.ArgumentParser:
+    """Global options also accepted after a command (unless it owns them);
+    one parent per set of owned global flags, shared by the commands."""
+    owned = frozenset(f for flags, _ in _GLOBALS for f in flags if f in own)
+    if owned not in parents:
+        parent = parents[owned] = argparse.ArgumentParser(add_help=False)
+        for flags, kwargs in _GLOBALS:
+            if not owned.intersection(flags):
+                parent.add_argument(*flags, **kwargs,
+                                    default=argparse.SUPPRESS)
+    return parents[owned]
 
 
 def _add_commands(sub) -> None:
     groups = {}
+    parents: dict[frozenset[str], Any] = {}
     for name, func, help, arguments in _COMMANDS:
         group, _, action = name.rpartition(" ")
         if group and group not in groups:
@@ -773,7 +785,7 @@ def _add_commands(sub) -> None:
                     dest="action", required=True)
         own = {flag for flags, _ in arguments for flag in flags}
         parser = (groups[group] if group else sub).add_parser(
-            action, help=help, parents=[_common(own)])
+            action, help=help, parents=[_common(own, parents)])
         parser.set_defaults(func=func)
         for flags, kwargs in arguments:
             parser.add_argument(*flags, **kwargs)

@@ -328,6 +328,23 @@ def test_subprocess(mount):
     assert "is not a UUID" in proc.stderr
 
 
+def test_help_imports_no_engine():
+    """Asking for help costs no TaskFlow, eventlet or oslo.config."""
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from ovirt_cinder.cmd import storage\n"
+         "try:\n"
+         "    storage.main(['volume', 'create', '--help'])\n"
+         "except SystemExit:\n"
+         "    pass\n"
+         "print(sorted(m for m in ('taskflow', 'eventlet', 'oslo_config')\n"
+         "             if m in sys.modules))\n"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+        env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
+
+
 def test_broken_image_still_shown(capsys, cli_pool):
     paths, sd = cli_pool
     img = run_json(capsys, *paths, "volume", "create", sd,
