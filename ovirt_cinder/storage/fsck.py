@@ -380,14 +380,6 @@ def _stray(dom, path: str, img_id: str | None = None,
                     scope=scope)
 
 
-def _is_uuid(name: str) -> bool:
-    try:
-        validate.check_uuid(name)
-    except errors.InvalidUUID:
-        return False
-    return True
-
-
 def _is_temp(name: str) -> bool:
     return name.startswith((sc.TEMP_PREFIX, sc.REMOVE_PREFIX))
 
@@ -402,13 +394,13 @@ def _scan_domain(dom, work: _Work, blocker: str | None) -> list[_Finding]:
                                    min_age=MIN_AGE))
     for name in sorted(os.listdir(dom.images_dir)):
         path = os.path.join(dom.images_dir, name)
-        if _is_uuid(name):
+        if validate.is_uuid(name):
             if not os.path.isdir(path) or os.path.islink(path):
                 found.append(_stray(dom, path))
             continue
         prefix = next((p for p in (sc.TEMP_PREFIX, sc.REMOVE_PREFIX)
                        if name.startswith(p)), None)
-        if prefix is not None and _is_uuid(name[len(prefix):]):
+        if prefix is not None and validate.is_uuid(name[len(prefix):]):
             # An image being built or removed: fenced by its image lease
             # and by the book of the flow doing it.
             img_id = name[len(prefix):]
@@ -485,7 +477,8 @@ def _scan_image(dom, img_id: str, work: _Work,
             found.append(_leftover(dom, path, blocker, img_id=img_id,
                                    lease_img=img_id, scope=img_id))
             stem = name[:-len(sc.META_EXT + sc.NEW_EXT)]
-            if name.endswith(sc.META_EXT + sc.NEW_EXT) and _is_uuid(stem):
+            if (name.endswith(sc.META_EXT + sc.NEW_EXT)
+                    and validate.is_uuid(stem)):
                 files.setdefault(stem, _Files()).meta_new = True
             continue
         if _is_temp(name):
@@ -497,7 +490,7 @@ def _scan_image(dom, img_id: str, work: _Work,
         for suffix in (sc.META_EXT, sc.LEASE_EXT):
             if name.endswith(suffix):
                 stem, ext = name[:-len(suffix)], suffix
-        if not _is_uuid(stem) or not os.path.isfile(path) \
+        if not validate.is_uuid(stem) or not os.path.isfile(path) \
                 or os.path.islink(path):
             add(_stray(dom, path, img_id).problem, lease=False)
             continue

@@ -207,7 +207,7 @@ class FileDomain:
             names = os.listdir(self.images_dir)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _is_uuid(n))
+        return sorted(n for n in names if validate.is_uuid(n))
 
     def list_volumes(self, img_id: str,
                      image_dir: str | None = None) -> list[str]:
@@ -219,7 +219,7 @@ class FileDomain:
                 sd_id=self.sd_id, img_id=img_id) from None
         return sorted(n[:-len(sc.META_EXT)] for n in names
                       if n.endswith(sc.META_EXT)
-                      and _is_uuid(n[:-len(sc.META_EXT)]))
+                      and validate.is_uuid(n[:-len(sc.META_EXT)]))
 
     def read_volume_meta(self, img_id: str, vol_id: str,
                          image_dir: str | None = None
@@ -291,14 +291,6 @@ class FileDomain:
             os.truncate(path, md.alignment)
 
 
-def _is_uuid(name: str) -> bool:
-    try:
-        validate.check_uuid(name)
-    except errors.InvalidUUID:
-        return False
-    return True
-
-
 def find_domains(mount: str) -> list[FileDomain]:
     """Open every domain directory directly under ``mount``; raise on the
     first one that cannot be opened."""
@@ -325,7 +317,7 @@ def scan_domains(mount: str) -> tuple[list[FileDomain],
     found, broken = [], {}
     for name in names:
         path = os.path.join(mount, name)
-        if not (_is_uuid(name) and os.path.isfile(
+        if not (validate.is_uuid(name) and os.path.isfile(
                 os.path.join(path, sc.DOM_MD, sc.METADATA))):
             continue
         try:

@@ -8,7 +8,7 @@ import uuid
 
 from ovirt_cinder.storage import errors
 
-__all__ = ["check_uuid", "new_uuid", "parse_int", "parse_enum"]
+__all__ = ["check_uuid", "is_uuid", "new_uuid", "parse_int", "parse_enum"]
 
 # Canonical lower-case 8-4-4-4-12 form only: no braces, no "urn:uuid:",
 # no upper case, so one UUID has exactly one path.
@@ -21,6 +21,11 @@ def check_uuid(value: object, name: str = "uuid") -> str:
     if not isinstance(value, str) or not _UUID_RE.match(value):
         raise errors.InvalidUUID(name=name, value=value)
     return value
+
+
+def is_uuid(value: object) -> bool:
+    """Whether ``value`` is a canonical UUID string (a name we made)."""
+    return isinstance(value, str) and bool(_UUID_RE.match(value))
 
 
 def new_uuid() -> str:
