@@ -210,3 +210,47 @@ def test_failed_recovery_keeps_its_book(world, monkeypatch):
     monkeypatch.undo()
     assert pool.recover()[0][1] in ("SUCCESS", "REVERTED")
     assert fsck.check(pool).clean
+
+
+def on_start(step, action):
+    """A listener factory: run ``action()`` as ``step`` starts."""
+    @contextlib.contextmanager
+    def listen(engine):
+        def on_change(event, details):
+            if event == "RUNNING" and details.get("task_name") == step:
+                action()
+        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
+        try:
+            yield
+        finally:
+            engine.atom_notifier.deregister(notifier.Notifier.ANY,
+                                            on_change)
+    return listen
+
+
+def test_plan_changed_by_another_host_is_refused(world):
+    """Another host (simulated: a metadata write between planning and the
+    freeze, as only the domain lease fences hosts) changes the leaf: the
+    snapshot fails with StalePlan, undoes its new volume and leaves the
+    other host's change alone."""
+    pool = open_pool(world)
+    sd_id, img = world["sd"], world["img"]
+    leaf = pool.leaf(sd_id, img)
+
+    def other_host():
+        dom = pool.domain(sd_id)
+        meta = dom.read_volume_meta(img, leaf.vol_id)
+        dom.write_volume_meta(img, leaf.vol_id, meta.with_next_generation(
+            description='{"other": "host"}'))
+
+    racing = open_pool(world, listeners=[on_start("freeze_leaf",
+                                                  other_host)])
+    with pytest.raises(errors.StalePlan):
+        racing.snapshot(sd_id, img, str(uuid.uuid4()))
+    tree = pool.image(sd_id, img)
+    assert list(tree.volumes) == [leaf.vol_id]
+    now = tree.leaf()
+    assert now.meta.description == '{"other": "host"}'
+    assert now.meta.generation == leaf.meta.generation + 1
+    assert list(pool.runner.unfinished()) == []
+    assert fsck.check(pool).clean
