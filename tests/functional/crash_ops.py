@@ -12,18 +12,16 @@ percent instead.
 WORKDIR holds ``mnt1``, ``mnt2`` and ``ctx.json`` (ids made by setup).
 """
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 
-from taskflow.types import notifier
-
 from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage.pool import StoragePool
+from tests.listeners import listener
 
 MiB = sc.MiB
 
@@ -128,31 +126,20 @@ def killer(task_name, state):
     name, _, nth = task_name.partition("#")
     seen = [0]
 
-    @contextlib.contextmanager
-    def listen(engine):
-        def on_change(event, details):
-            if details.get("task_name") == name and event == state:
-                seen[0] += 1
-                if seen[0] == int(nth or 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
-        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-        try:
-            yield
-        finally:
-            engine.atom_notifier.deregister(notifier.Notifier.ANY,
-                                            on_change)
-    return listen
+    def on_change(event, details):
+        if details.get("task_name") == name and event == state:
+            seen[0] += 1
+            if seen[0] == int(nth or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+    return listener(on_change)
 
 
 def recorder(names):
-    @contextlib.contextmanager
-    def listen(engine):
-        def on_change(event, details):
-            if event == "RUNNING":
-                names.append(details["task_name"])
-        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-        yield
-    return listen
+    """A listener factory: append each step's name as it starts."""
+    def on_change(event, details):
+        if event == "RUNNING":
+            names.append(details["task_name"])
+    return listener(on_change)
 
 
 def open_pool(workdir, listeners=(), flow_connection=None):

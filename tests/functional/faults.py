@@ -48,8 +48,6 @@ import subprocess
 import sys
 import uuid
 
-from taskflow.types import notifier
-
 from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import flows
@@ -59,6 +57,7 @@ from ovirt_cinder.storage.pool import FLOWS_DIR
 from ovirt_cinder.storage.pool import StoragePool
 from tests import ovirt_fixtures
 from tests import qemuio
+from tests.listeners import listener
 
 MiB = sc.MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -154,20 +153,6 @@ def counting_undos(counts):
     finally:
         for name, real in reals.items():
             setattr(actions, name, real)
-
-
-def listener(on_change):
-    """A pool listener factory calling ``on_change(event, details)`` on
-    every atom state change."""
-    @contextlib.contextmanager
-    def listen(engine):
-        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-        try:
-            yield
-        finally:
-            engine.atom_notifier.deregister(notifier.Notifier.ANY,
-                                            on_change)
-    return listen
 
 
 def killer(task_name, state):

@@ -22,7 +22,6 @@ import textwrap
 import uuid
 
 import pytest
-from taskflow.types import notifier
 
 from ovirt_cinder.cmd import storage
 from ovirt_cinder.storage import actions
@@ -30,6 +29,7 @@ from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import lease
 from tests import qemuio
+from tests.listeners import at_step
 
 MiB = sc.MiB
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -372,18 +372,13 @@ def test_pool_create_needs_path(capsys):
 
 # Configuration: the CLI reads the services' files
 
-@contextlib.contextmanager
-def _interrupt_first_task(engine):
-    """A FlowRunner listener: stop the flow as its first task starts,
-    leaving it unfinished in the logbook (as a crash would)."""
-    def on_change(event_type, details):
-        if event_type == "RUNNING":
-            raise KeyboardInterrupt
-    engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-    try:
-        yield
-    finally:
-        engine.atom_notifier.deregister(notifier.Notifier.ANY, on_change)
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+# A FlowRunner listener: stop the flow as its first task starts, leaving
+# it unfinished in the logbook (as a crash would).
+_interrupt_first_task = at_step(None, _interrupt)
 
 
 def pool_opts(**values):

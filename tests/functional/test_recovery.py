@@ -8,13 +8,11 @@ leases than the book names, never take over a live owner's flow, and
 quarantine a torn book without blocking the others.
 """
 
-import contextlib
 import json
 import os
 import uuid
 
 import pytest
-from taskflow.types import notifier
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
@@ -23,24 +21,16 @@ from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import logbook
 from ovirt_cinder.storage.pool import StoragePool
+from tests.listeners import at_step
 
 MiB = sc.MiB
 
 
 def interrupt_at(step):
     """A listener factory: stop the flow as ``step`` starts."""
-    @contextlib.contextmanager
-    def listen(engine):
-        def on_change(event, details):
-            if event == "RUNNING" and details.get("task_name") == step:
-                raise KeyboardInterrupt
-        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-        try:
-            yield
-        finally:
-            engine.atom_notifier.deregister(notifier.Notifier.ANY,
-                                            on_change)
-    return listen
+    def interrupt():
+        raise KeyboardInterrupt
+    return at_step(step, interrupt)
 
 
 @pytest.fixture
@@ -212,22 +202,6 @@ def test_failed_recovery_keeps_its_book(world, monkeypatch):
     assert fsck.check(pool).clean
 
 
-def on_start(step, action):
-    """A listener factory: run ``action()`` as ``step`` starts."""
-    @contextlib.contextmanager
-    def listen(engine):
-        def on_change(event, details):
-            if event == "RUNNING" and details.get("task_name") == step:
-                action()
-        engine.atom_notifier.register(notifier.Notifier.ANY, on_change)
-        try:
-            yield
-        finally:
-            engine.atom_notifier.deregister(notifier.Notifier.ANY,
-                                            on_change)
-    return listen
-
-
 def test_plan_changed_by_another_host_is_refused(world):
     """Another host (simulated: a metadata write between planning and the
     freeze, as only the domain lease fences hosts) changes the leaf: the
@@ -243,7 +217,7 @@ def test_plan_changed_by_another_host_is_refused(world):
         dom.write_volume_meta(img, leaf.vol_id, meta.with_next_generation(
             description='{"other": "host"}'))
 
-    racing = open_pool(world, listeners=[on_start("freeze_leaf",
+    racing = open_pool(world, listeners=[at_step("freeze_leaf",
                                                   other_host)])
     with pytest.raises(errors.StalePlan):
         racing.snapshot(sd_id, img, str(uuid.uuid4()))
