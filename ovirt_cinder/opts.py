@@ -17,7 +17,10 @@ reads them, once per group:
     the Glance store (stands for each glance_store backend section);
 ``storage``
     the ``ovirt-storage`` CLI's own file,
-    ``/etc/ovirt-cinder/ovirt-storage.conf``.
+    ``/etc/ovirt-cinder/ovirt-storage.conf``;
+``ovirt_cinder_privileged``
+    our oslo.privsep context (:mod:`ovirt_cinder.privsep`): the
+    ``helper_command`` a non-root cinder-volume starts it with.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def _cli_opts() -> list[tuple[str, list[cfg.Opt]]]:
     return [("storage", list(config.POOL_OPTS))]
 
 
+def _privsep_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    from oslo_privsep import priv_context
+    return [("ovirt_cinder_privileged", list(priv_context.OPTS))]
+
+
 def _once(opts: list[cfg.Opt]) -> list[cfg.Opt]:
     """``opts`` without a second option of the same name."""
     unique: dict[str, cfg.Opt] = {}
@@ -56,4 +64,4 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every option of ovirt_cinder, as (group, options) pairs."""
     return [(group, _once(opts))
             for group, opts in [*_cinder_opts(), *_glance_opts(),
-                                *_cli_opts()]]
+                                *_cli_opts(), *_privsep_opts()]]
