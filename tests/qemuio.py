@@ -57,18 +57,21 @@ def _qemu_io(path: str, fmt: str, command: str,
     return output
 
 
-def view_digest(path: str, fmt: str, scratch: str) -> str:
+def view_digest(path: str, fmt: str, scratch: str, *,
+                force_share: bool = False) -> str:
     """sha256 of the guest view of the image at ``path`` (its whole chain),
     read through a raw copy made in the directory ``scratch`` (outside the
-    domains, which may be full)."""
+    domains, which may be full). ``force_share`` (``-U``) reads an image
+    a daemon holds open."""
     import hashlib
     import tempfile
 
     fd, out = tempfile.mkstemp(dir=scratch, suffix=".view")
     os.close(fd)
     try:
-        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw",
-                        path, out], check=True, capture_output=True)
+        share = ["-U"] if force_share else []
+        subprocess.run(["qemu-img", "convert", *share, "-f", fmt, "-O",
+                        "raw", path, out], check=True, capture_output=True)
         h = hashlib.sha256()
         with open(out, "rb") as f:
             for block in iter(lambda: f.read(1024 * 1024), b""):

@@ -43,6 +43,7 @@ from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import image
 from ovirt_cinder.storage import qemuimg
+from ovirt_cinder.storage import qsd
 from ovirt_cinder.storage import sd
 from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import volmeta
@@ -65,12 +66,15 @@ class Context:
     """What steps need besides their persisted arguments.
 
     ``domains``: this host's open domains by id; ``leases``: the lease
-    manager whose domain (SDM) lease guards metadata changes.
+    manager whose domain (SDM) lease guards metadata changes;
+    ``attachments``: the daemons serving this host's attached images
+    (the live steps act through them).
     """
 
     domains: Mapping[str, sd.FileDomain]
     leases: Any
     progress: Progress | None = None
+    attachments: Any = None
 
     def domain(self, sd_id: str) -> sd.FileDomain:
         try:
@@ -83,6 +87,12 @@ class Context:
         """Hold ``dom``'s SDM lease around a metadata change."""
         with self.leases.domain_lease(dom):
             yield dom
+
+    def daemon(self, img_id: str) -> Any:
+        """The running daemon serving ``img_id`` on this host, or None."""
+        if self.attachments is None:
+            return None
+        return self.attachments.daemon(img_id)
 
     def report(self, percent: float) -> None:
         callback = self.progress or progress_callback
@@ -170,7 +180,12 @@ def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
                      *, capacity: int, fmt: str, prealloc: str,
                      parent_id: str | None, voltype: str,
                      description: str = "", staged: bool = False,
-                     legal: bool = True, sequence: int = 0) -> None:
+                     legal: bool = True, sequence: int = 0,
+                     live: bool = False) -> None:
+    """Create a volume's metadata, lease and data; with ``legal`` mark it
+    LEGAL at the end. ``live``: the parent is open in a daemon, so
+    qemu-img must not open it (the overlay is created without reading
+    its backing file)."""
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
     parent = parent_id or sc.BLANK_UUID
@@ -191,19 +206,19 @@ def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
         dom.write_volume_meta(img_id, vol_id, meta, directory)
         path = dom.volume_path(img_id, vol_id, directory)
         dom.create_volume_lease(path + sc.LEASE_EXT, vol_id)
-    _create_data(dom, img_id, path, meta, directory)
+    _create_data(dom, img_id, path, meta, directory, live)
     if legal:
         with ctx.sdm(dom):
             dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
                 legality=sc.Legality.LEGAL), directory)
 
 
-def _create_data(dom, img_id, path, meta, directory) -> None:
+def _create_data(dom, img_id, path, meta, directory, live=False) -> None:
     prealloc = _PREALLOC.get((meta.format, meta.type))
     if meta.parent != sc.BLANK_UUID:
         parent = dom.read_volume_meta(img_id, meta.parent, directory)
         qemuimg.create(path, "qcow2", meta.capacity, backing=meta.parent,
-                       backing_fmt=parent.format.qemu)
+                       backing_fmt=parent.format.qemu, unsafe=live)
     else:
         qemuimg.create(path, meta.format.qemu, meta.capacity,
                        preallocation=prealloc)
@@ -417,6 +432,65 @@ def undo_resize(ctx: Context, sd_id: str, img_id: str, vol_id: str,
     if vol.meta.capacity < current <= size:
         qemuimg.resize(vol.path, vol.meta.capacity, fmt=vol.qemu_format,
                        shrink=True)
+
+
+# Live steps: through the daemon that serves an attached image, else on
+# the files. A daemon that is gone (killed, or the host rebooted) no longer
+# holds the files, and its next start opens the chain the metadata names;
+# so a live step recovered without a daemon does the offline work instead,
+# and the flow goes on as it would offline.
+
+
+def layer(vol: image.Volume) -> qsd.Layer:
+    """How a daemon opens ``vol``."""
+    return qsd.Layer(vol_id=vol.vol_id, path=vol.path, fmt=vol.qemu_format)
+
+
+def do_live_snapshot(ctx: Context, sd_id: str, img_id: str,
+                     vol_id: str) -> None:
+    """Make the daemon write into the new leaf ``vol_id`` (created over
+    the daemon's current top by ``do_create_volume(live=True)``)."""
+    daemon = ctx.daemon(img_id)
+    if daemon is None:
+        return
+    daemon.snapshot(layer(_volume(ctx, sd_id, img_id, vol_id)))
+
+
+def do_live_commit(ctx: Context, sd_id: str, img_id: str, top_id: str,
+                   base_id: str) -> None:
+    """Commit ``top`` into ``base`` in the daemon (an active commit when
+    ``top`` is the leaf); qemu writes ``base``'s id as the backing name
+    of the volume above ``top``."""
+    daemon = ctx.daemon(img_id)
+    if daemon is None or top_id not in daemon.chain():
+        if daemon is None:
+            do_commit(ctx, sd_id, img_id, top_id, base_id)
+        return
+    daemon.commit(top_id, base_id, backing_file=base_id)
+
+
+def do_live_stream(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                   base_id: str, parent_id: str | None) -> None:
+    """Pull ``base``'s data into its child ``vol_id`` in the daemon;
+    ``vol_id``'s backing becomes ``parent_id``."""
+    daemon = ctx.daemon(img_id)
+    if daemon is None:
+        do_rebase(ctx, sd_id, img_id, vol_id, parent_id, unsafe=False)
+        return
+    if base_id in daemon.chain():
+        daemon.stream(vol_id, base_id, new_backing=parent_id,
+                      backing_file=parent_id)
+
+
+def do_live_resize(ctx: Context, sd_id: str, img_id: str, vol_id: str,
+                   size: int) -> None:
+    """Grow the leaf the daemon serves; the guest sees the new size."""
+    daemon = ctx.daemon(img_id)
+    if daemon is None:
+        do_resize(ctx, sd_id, img_id, vol_id, size)
+        return
+    if daemon.size() < size:
+        daemon.resize(size)
 
 
 def do_export(ctx: Context, sd_id: str, img_id: str, vol_id: str,

@@ -32,6 +32,7 @@ from typing import Any
 
 from oslo_config import cfg
 
+from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
@@ -160,6 +161,22 @@ Possible values:
 Related options:
     * ``ovirt_lease_timeout``
 """),
+    cfg.StrOpt("ovirt_run_path", default=sc.DEFAULT_RUN_PATH,
+               help="""
+A host-local directory for the state of attached volumes: one
+qemu-storage-daemon per attached volume keeps its QMP socket, pid file and
+the raw view the iSCSI target serves in ``<path>/attached/<image id>/``.
+
+Keep it on a tmpfs (``/run``): the daemons do not survive a reboot, and
+neither should their state. The path must be short (a unix socket path
+under it is at most 107 bytes).
+
+Possible values:
+    * An absolute path
+
+Related options:
+    * ``ovirt_export_protocol`` (Cinder driver)
+"""),
     cfg.FloatOpt("ovirt_qemu_img_timeout", default=120, min=1,
                  help="""
 How long, in seconds, a short ``qemu-img`` command (info, create, resize,
@@ -257,7 +274,8 @@ def open_pool(opts: Any, *, recover: bool = False,
         opts.ovirt_domain_paths, pool_id=opts.ovirt_pool_uuid or None,
         lease_manager=leases,
         flow_connection=opts.ovirt_flow_connection or None,
-        listeners=listeners, ownership=ownership(opts))
+        listeners=listeners, ownership=ownership(opts),
+        run_path=opts.ovirt_run_path)
     for dom in pool.domains.values():
         leases.init_domain(dom)
     if recover:

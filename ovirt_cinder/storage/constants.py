@@ -115,3 +115,8 @@ class DomainClass(enum.StrEnum):
 class DomainRole(enum.StrEnum):
     MASTER = "Master"
     REGULAR = "Regular"
+
+
+# Where the daemons serving attached images keep their state (host-local,
+# a tmpfs: see attach.py).
+DEFAULT_RUN_PATH = "/run/ovirt-cinder"

@@ -18,6 +18,12 @@ object and preserve anything else we find:
     the domain of the original. The copy is removed once no image links
     it and the original is gone (``StoragePool.collect_template_copy``).
 
+``temp``
+    On a volume frozen by a temporary live snapshot of an attached image
+    (to merge its leaf, or to copy its moving top): its ``snap`` is the
+    engine's, not a user's, and goes with ``temp`` when it is merged
+    away.
+
 A description that is not a JSON object is treated as opaque free text.
 """
 

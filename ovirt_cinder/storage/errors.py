@@ -110,6 +110,10 @@ class ImageIsBusy(StorageError):
     msg = "Image {img_id} is busy: {reason}"
 
 
+class VolumeAttached(StorageError):
+    msg = "Cannot {operation}: image {img_id} is attached (detach it first)"
+
+
 class InvalidOperation(StorageError):
     msg = "Cannot {operation}: {reason}"
 

@@ -186,25 +186,31 @@ def _legalize(sd_id, img_id, vol_id, staged=False, name="legalize"):
 def snapshot(sd_id: str, img_id: str, leaf_id: str, leaf_gen: int,
              vol_id: str, snap_id: str, capacity: int,
              leaf_description: str, snap_description: str,
-             sequence: int) -> linear_flow.Flow:
+             sequence: int, live: bool = False) -> linear_flow.Flow:
     """Freeze the leaf as snapshot ``snap_id``; a new qcow2 leaf on top.
 
     The freeze checks the leaf is still the LEAF of generation
-    ``leaf_gen`` that was planned with, under the domain lease.
+    ``leaf_gen`` that was planned with, under the domain lease. ``live``:
+    a daemon serves the image; once it writes into the new leaf
+    (``live_snapshot``) the flow only goes forward.
     """
-    return _flow("snapshot", [
+    steps = [
         Step("create_volume", sd_id=sd_id, img_id=img_id,
              vol_id=vol_id, capacity=capacity, fmt="COW",
              prealloc="SPARSE", parent_id=leaf_id, voltype="LEAF",
-             legal=False, sequence=sequence),
+             legal=False, sequence=sequence, live=live),
         Step("update_volume", name="freeze_leaf", sd_id=sd_id,
              img_id=img_id, vol_id=leaf_id,
              changes={"voltype": "INTERNAL",
                       "description": snap_description},
              expect=_plan(leaf_gen, voltype="LEAF"),
              undo={"voltype": "LEAF", "description": leaf_description}),
-        _legalize(sd_id, img_id, vol_id),
-    ])
+    ]
+    if not live:
+        return _flow("snapshot", steps + [_legalize(sd_id, img_id, vol_id)])
+    return _flow("snapshot", steps + _forward(
+        Step("live_snapshot", sd_id=sd_id, img_id=img_id, vol_id=vol_id),
+        _legalize(sd_id, img_id, vol_id)))
 
 
 def _plan(generation: int, **fields: str) -> dict[str, Any]:
@@ -213,13 +219,16 @@ def _plan(generation: int, **fields: str) -> dict[str, Any]:
 
 def merge_commit(sd_id: str, img_id: str, base_id: str, base_gen: int,
                  top_id: str, grandchildren: list[str],
-                 base_changes: dict[str, Any]) -> linear_flow.Flow:
+                 base_changes: dict[str, Any],
+                 live: bool = False) -> linear_flow.Flow:
     """Commit ``top`` into its parent ``base``; ``base`` takes its place.
 
     Once the commit starts writing into the base, the base no longer
     holds the snapshot it held: from there the flow only goes forward.
     The top volume is removed last, so until then every reader of the
-    grandchildren still has a complete chain.
+    grandchildren still has a complete chain. ``live``: the daemon serving
+    the image commits (and writes the new backing name into the volume
+    above the top, so that rebase finds it done).
     """
     steps = [
         Step("update_volume", name="invalidate_base", sd_id=sd_id,
@@ -227,7 +236,8 @@ def merge_commit(sd_id: str, img_id: str, base_id: str, base_gen: int,
              changes={"legality": "ILLEGAL"}, expect=_plan(base_gen),
              undo={"legality": "LEGAL"}),
     ]
-    forward = [Step("commit", sd_id=sd_id, img_id=img_id, top_id=top_id,
+    forward = [Step("live_commit" if live else "commit", name="commit",
+                    sd_id=sd_id, img_id=img_id, top_id=top_id,
                     base_id=base_id)]
     for child in grandchildren:
         forward.append(Step("rebase", name=f"rebase_{child}", sd_id=sd_id,
@@ -245,19 +255,27 @@ def merge_commit(sd_id: str, img_id: str, base_id: str, base_gen: int,
 
 
 def merge_stream(sd_id: str, img_id: str, base_id: str, top_id: str,
-                 top_gen: int, new_parent: str | None) -> linear_flow.Flow:
+                 top_gen: int, new_parent: str | None,
+                 live: bool = False) -> linear_flow.Flow:
     """Pull ``base``'s data into its child ``top``; drop ``base``.
 
     Once the rebase changed the top's backing file the old chain is gone:
-    from there the flow only goes forward.
+    from there the flow only goes forward. ``live``: the daemon serving
+    the image streams.
     """
+    if live:
+        pull = Step("live_stream", name="rebase", sd_id=sd_id,
+                    img_id=img_id, vol_id=top_id, base_id=base_id,
+                    parent_id=new_parent)
+    else:
+        pull = Step("rebase", sd_id=sd_id, img_id=img_id, vol_id=top_id,
+                    parent_id=new_parent, unsafe=False)
     return _flow("merge_stream", [
         Step("update_volume", name="invalidate_top", sd_id=sd_id,
              img_id=img_id, vol_id=top_id, expect=_plan(top_gen),
              changes={"legality": "ILLEGAL"}, undo={"legality": "LEGAL"}),
         *_forward(
-            Step("rebase", sd_id=sd_id, img_id=img_id, vol_id=top_id,
-                 parent_id=new_parent, unsafe=False),
+            pull,
             Step("update_volume", name="validate_top", sd_id=sd_id,
                  img_id=img_id, vol_id=top_id,
                  changes={"legality": "LEGAL",
@@ -342,20 +360,29 @@ def thin_clone(sd_id: str, tmpl_img_id: str, tmpl_vol_id: str,
 
 
 def extend(sd_id: str, img_id: str, vol_id: str, gen: int,
-           size: int) -> linear_flow.Flow:
+           size: int, live: bool = False) -> linear_flow.Flow:
     """Grow the leaf. A resize that fails (or whose step fails after it)
     is undone: the volume shrinks back to the capacity its metadata
     still records, dropping only the new, empty part. Once the final
-    metadata write starts, the flow only goes forward."""
+    metadata write starts, the flow only goes forward. ``live``: the
+    daemon serving the image resizes, and from then on the guest may
+    have seen the new size, so the resize is never undone."""
+    invalidate = Step("update_volume", name="invalidate", sd_id=sd_id,
+                      img_id=img_id, vol_id=vol_id, expect=_plan(gen),
+                      changes={"legality": "ILLEGAL"},
+                      undo={"legality": "LEGAL"})
+    validate = Step("update_volume", name="validate", sd_id=sd_id,
+                    img_id=img_id, vol_id=vol_id,
+                    changes={"legality": "LEGAL", "capacity": size})
+    if live:
+        return _flow("extend", [invalidate, *_forward(
+            Step("live_resize", name="resize", sd_id=sd_id, img_id=img_id,
+                 vol_id=vol_id, size=size), validate)])
     return _flow("extend", [
-        Step("update_volume", name="invalidate", sd_id=sd_id,
-             img_id=img_id, vol_id=vol_id, expect=_plan(gen),
-             changes={"legality": "ILLEGAL"}, undo={"legality": "LEGAL"}),
+        invalidate,
         Step("resize", sd_id=sd_id, img_id=img_id, vol_id=vol_id,
              size=size),
-        *_forward(Step("update_volume", name="validate", sd_id=sd_id,
-                       img_id=img_id, vol_id=vol_id,
-                       changes={"legality": "LEGAL", "capacity": size})),
+        *_forward(validate),
     ])
 
 

@@ -17,6 +17,12 @@ with. Each step takes the domain's SDM lease only for its metadata
 change, and the first step that acts on the plan re-checks it under that
 lease (see :mod:`lease`). Methods return :class:`image.Volume` objects
 re-read from storage.
+
+An image can be attached (:meth:`StoragePool.attach`): a daemon on this
+host serves its chain (:mod:`attach`). Its snapshot, snapshot deletion and
+extend then run live, through the daemon; a copy reads a temporary live
+snapshot; a revert, a deletion and a move are refused (``VolumeAttached``).
+doc/source/contributor/attach.rst has the whole design.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ovirt_cinder.storage import actions
+from ovirt_cinder.storage import attach
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
@@ -61,7 +68,8 @@ class StoragePool:
                  flow_connection: str | None = None,
                  listeners: Iterable[Callable[[Any], Any]] = (),
                  broken: dict[str, errors.StorageError] | None = None,
-                 ownership: sd.Ownership | None = None) -> None:
+                 ownership: sd.Ownership | None = None,
+                 run_path: str = attach.DEFAULT_RUN_PATH) -> None:
         self.pool_id = validate.check_uuid(pool_id, "pool id")
         self.domains = {d.sd_id: d for d in domains}
         # Who owns what the engine creates (ovirt_file_owner/_group).
@@ -74,8 +82,11 @@ class StoragePool:
         self._flow_connection = flow_connection
         self._listeners = list(listeners)
         self._runner: flows.FlowRunner | None = None
+        # The daemons serving this host's attached images.
+        self.attachments = attach.Attachments(run_path)
         self.context = actions.Context(domains=self.domains,
-                                       leases=self.lease_manager)
+                                       leases=self.lease_manager,
+                                       attachments=self.attachments)
 
     # Opening and creating
 
@@ -317,6 +328,81 @@ class StoragePool:
             return f"its files are on host {owner.get('host')}"
         return None
 
+    # Attaching
+
+    def attach(self, sd_id: str, img_id: str) -> str:
+        """Serve the image's guest view from a daemon on this host and
+        return the path of the view (a raw file of the guest's size).
+
+        Idempotent: a daemon already serving the image's current chain is
+        kept (``ensure_export`` after a restart of the caller); a dead
+        one is cleaned up and started again. A daemon serving another
+        chain than the metadata names (an operation cut short before
+        ``recover``) is refused: nothing guesses which one is right.
+        """
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            tree = self._checked(dom, img_id)
+            chain = tree.chain()
+            for vol in chain:
+                if not vol.legal:
+                    raise errors.IllegalVolume(
+                        img_id=img_id, vol_id=vol.vol_id,
+                        legality=str(vol.meta.legality))
+            wanted = [v.vol_id for v in reversed(chain)]
+            daemon = self.attachments.daemon(img_id)
+            if daemon is not None:
+                served = daemon.chain()
+                if served != wanted:
+                    raise errors.InvalidOperation(
+                        operation="attach", reason=f"the daemon of image "
+                        f"{img_id} serves {served}, the metadata names "
+                        f"{wanted}; run `ovirt-storage recover`")
+                return daemon.view
+            layers = [actions.layer(v) for v in chain]
+            return self.attachments.start(img_id, layers).view
+
+    def detach(self, sd_id: str, img_id: str) -> None:
+        """Stop serving the image: no daemon, view or mount is left."""
+        dom = self.domain(sd_id)
+        with self._operation([(dom, img_id)]):
+            self.attachments.stop(img_id)
+
+    def attached(self, img_id: str) -> str | None:
+        """The view of ``img_id`` if a daemon serves it on this host."""
+        daemon = self.attachments.daemon(img_id)
+        return daemon.view if daemon is not None else None
+
+    def _served_chain(self, img_id: str) -> list[str] | None:
+        """Volume ids (top first) a daemon here serves, None if none."""
+        daemon = self.attachments.daemon(img_id)
+        return daemon.chain() if daemon is not None else None
+
+    def _refuse_attached(self, img_id: str, operation: str) -> None:
+        if self.attachments.daemon(img_id) is not None:
+            raise errors.VolumeAttached(img_id=img_id, operation=operation)
+
+    @contextlib.contextmanager
+    def _readable(self, dom: sd.FileDomain, img_id: str,
+                  snap_id: str | None) -> Iterator[image.Volume]:
+        """A volume whose view stays still while it is read: the
+        snapshot, or the top. The top of an attached image is moving:
+        a temporary live snapshot freezes it, merged back afterwards
+        (the caller holds the image lease)."""
+        tree = self._checked(dom, img_id)
+        if snap_id or self._served_chain(img_id) is None:
+            yield tree.find_snapshot(snap_id) if snap_id else _top(tree)
+            return
+        temp = validate.new_uuid()
+        self._snapshot(dom, tree, temp, temporary=True)
+        try:
+            yield self.image(dom.sd_id, img_id).find_snapshot(temp)
+        finally:
+            tree = self.image(dom.sd_id, img_id)
+            frozen = tree.find_snapshot(temp)
+            self._merge(dom, tree, frozen,
+                        tree.get(tree.children(frozen.vol_id)[0]))
+
     # Reading
 
     def list_images(self, sd_id: str) -> list[str]:
@@ -410,7 +496,10 @@ class StoragePool:
 
     def snapshot(self, sd_id: str, img_id: str, snap_id: str, *,
                  vol_id: str | None = None) -> image.Volume:
-        """Freeze the leaf as ``snap_id``; return the frozen volume."""
+        """Freeze the leaf as ``snap_id``; return the frozen volume.
+
+        Of an attached image, live: the daemon serving it writes into
+        the new leaf from the moment the snapshot is taken."""
         validate.check_uuid(snap_id, "snapshot id")
         dom = self.domain(sd_id)
         with self._operation([(dom, img_id)]):
@@ -418,17 +507,24 @@ class StoragePool:
             if snap_id in tree.snapshots():
                 raise errors.InvalidOperation(
                     operation="snapshot", reason=f"{snap_id} exists")
-            leaf = tree.leaf()
-            self._run(flows.snapshot, [(dom, img_id)], sd_id=dom.sd_id,
-                      img_id=img_id, leaf_id=leaf.vol_id,
-                      leaf_gen=leaf.meta.generation,
-                      vol_id=self._new_volume_id(vol_id, tree),
-                      snap_id=snap_id, capacity=leaf.meta.capacity,
-                      leaf_description=leaf.meta.description,
-                      snap_description=description.update(
-                          leaf.meta.description, snap=snap_id),
-                      sequence=_next_sequence(tree))
-            return self.image(sd_id, img_id).get(leaf.vol_id)
+            self._snapshot(dom, tree, snap_id, vol_id)
+            return self.image(sd_id, img_id).get(tree.leaf().vol_id)
+
+    def _snapshot(self, dom: sd.FileDomain, tree: image.ImageTree,
+                  snap_id: str, vol_id: str | None = None, *,
+                  temporary: bool = False) -> None:
+        leaf = tree.leaf()
+        marks = {"snap": snap_id, "temp": "1" if temporary else None}
+        self._run(flows.snapshot, [(dom, tree.img_id)], sd_id=dom.sd_id,
+                  img_id=tree.img_id, leaf_id=leaf.vol_id,
+                  leaf_gen=leaf.meta.generation,
+                  vol_id=self._new_volume_id(vol_id, tree),
+                  snap_id=snap_id, capacity=leaf.meta.capacity,
+                  leaf_description=leaf.meta.description,
+                  snap_description=description.update(
+                      leaf.meta.description, **marks),
+                  sequence=_next_sequence(tree),
+                  live=self._served_chain(tree.img_id) is not None)
 
     def delete_snapshot(self, sd_id: str, img_id: str,
                         snap_id: str) -> None:
@@ -456,29 +552,63 @@ class StoragePool:
 
     def _merge(self, dom: sd.FileDomain, tree: image.ImageTree,
                base: image.Volume, top: image.Volume) -> None:
-        """Merge ``top`` with its parent ``base``, copying less data."""
+        """Merge ``top`` with its parent ``base``, copying less data; in
+        the daemon serving the image if it holds either.
+
+        qemu 7.2 can neither commit nor stream into the layer a writable
+        FUSE export serves (see :mod:`qsd`), so an attached image's leaf
+        is first frozen by a live snapshot and then committed as an
+        intermediate layer; the base, now an anonymous layer, is merged
+        into an anonymous parent too, so that the chain does not grow.
+        """
         images = [(dom, tree.img_id)]
-        if _prefer_commit(base, top):
-            self._run(flows.merge_commit, images, sd_id=dom.sd_id,
-                      img_id=tree.img_id, base_id=base.vol_id,
-                      base_gen=base.meta.generation, top_id=top.vol_id,
-                      grandchildren=tree.children(top.vol_id),
-                      base_changes={
-                          "voltype": str(top.meta.voltype),
-                          "description": top.meta.description,
-                          "capacity": max(top.meta.capacity,
-                                          base.meta.capacity)})
+        served = self._served_chain(tree.img_id) or []
+        live = base.vol_id in served or top.vol_id in served
+        if live and served[0] == top.vol_id:
+            self._snapshot(dom, tree, validate.new_uuid(), temporary=True)
+            tree = self.image(dom.sd_id, tree.img_id)
+            top, base = tree.get(top.vol_id), tree.get(base.vol_id)
+            self._commit(dom, tree, base, top, live=True)
+            tree = self.image(dom.sd_id, tree.img_id)
+            base = tree.get(base.vol_id)
+            parent = tree.get(base.parent) if base.parent else None
+            if parent is not None and _anonymous(tree, parent):
+                self._merge(dom, tree, parent, base)
+        elif _prefer_commit(base, top):
+            self._commit(dom, tree, base, top, live=live)
         else:
             self._run(flows.merge_stream, images, sd_id=dom.sd_id,
                       img_id=tree.img_id, base_id=base.vol_id,
                       top_id=top.vol_id, top_gen=top.meta.generation,
-                      new_parent=base.parent)
+                      new_parent=base.parent, live=live)
+
+    def _commit(self, dom: sd.FileDomain, tree: image.ImageTree,
+                base: image.Volume, top: image.Volume, *,
+                live: bool) -> None:
+        """Commit ``top`` into ``base``, which takes its place and its
+        description (without a temporary snapshot's marks)."""
+        desc = top.meta.description
+        if description.get(desc, "temp"):
+            desc = description.update(desc, snap=None, temp=None)
+        self._run(flows.merge_commit, [(dom, tree.img_id)], sd_id=dom.sd_id,
+                  img_id=tree.img_id, base_id=base.vol_id,
+                  base_gen=base.meta.generation, top_id=top.vol_id,
+                  grandchildren=tree.children(top.vol_id),
+                  base_changes={
+                      "voltype": str(top.meta.voltype),
+                      "description": desc,
+                      "capacity": max(top.meta.capacity,
+                                      base.meta.capacity)},
+                  live=live)
 
     def revert_to_snapshot(self, sd_id: str, img_id: str, snap_id: str, *,
                            vol_id: str | None = None) -> image.Volume:
-        """Replace the leaf with a fresh overlay on the snapshot."""
+        """Replace the leaf with a fresh overlay on the snapshot; refused
+        while the image is attached (the guest's disk would change under
+        it)."""
         dom = self.domain(sd_id)
         with self._operation([(dom, img_id)]):
+            self._refuse_attached(img_id, "revert to a snapshot")
             tree = self._checked(dom, img_id)
             snap = tree.find_snapshot(snap_id)
             leaf = tree.leaf()
@@ -507,9 +637,8 @@ class StoragePool:
         dst_dom = self.domain(dst_sd_id or sd_id)
         img_id = validate.check_uuid(img_id, "image id")
         images = [(src_dom, src_img_id), (dst_dom, img_id)]
-        with self._operation(images):
-            tree = self._checked(src_dom, src_img_id)
-            src = tree.find_snapshot(snap_id) if snap_id else _top(tree)
+        with self._operation(images), \
+                self._readable(src_dom, src_img_id, snap_id) as src:
             size = _check_size(max(size or 0, src.meta.capacity))
             fmt = fmt or src.meta.format
             vol_id = self._new_volume_id(vol_id)
@@ -562,6 +691,7 @@ class StoragePool:
         with self._operation(images):
             if template_copy and dst_dom.has_image(img_id):
                 return self.image(dst_sd_id, img_id)
+            self._refuse_attached(img_id, "copy or move an image")
             tree = self._checked(src_dom, img_id)
             volumes = _volumes_in_order(tree)
             if template_copy:
@@ -586,9 +716,8 @@ class StoragePool:
         """Write the leaf's (a snapshot's, a template's) whole view into
         ``dst``."""
         dom = self.domain(sd_id)
-        with self._operation([(dom, img_id)]):
-            tree = self._checked(dom, img_id)
-            vol = tree.find_snapshot(snap_id) if snap_id else _top(tree)
+        with self._operation([(dom, img_id)]), \
+                self._readable(dom, img_id, snap_id) as vol:
             actions.do_export(self.context, dom.sd_id, img_id, vol.vol_id,
                               dst, fmt)
 
@@ -605,7 +734,8 @@ class StoragePool:
             if size > leaf.meta.capacity:
                 self._run(flows.extend, [(dom, img_id)], sd_id=dom.sd_id,
                           img_id=img_id, vol_id=leaf.vol_id,
-                          gen=leaf.meta.generation, size=_check_size(size))
+                          gen=leaf.meta.generation, size=_check_size(size),
+                          live=self._served_chain(img_id) is not None)
             return self.leaf(sd_id, img_id)
 
     def delete_image(self, sd_id: str, img_id: str) -> bool:
@@ -616,6 +746,7 @@ class StoragePool:
         """
         dom = self.domain(sd_id)
         with self._operation([(dom, img_id)]):
+            self._refuse_attached(img_id, "delete an image")
             if not dom.has_image(img_id):
                 fileutil.remove_tree(dom.removed_image_dir(img_id))
                 return False
@@ -740,6 +871,15 @@ def _anonymous_ancestors(tree: image.ImageTree,
         garbage.append(parent.vol_id)
         vol = parent
     return garbage
+
+
+def _anonymous(tree: image.ImageTree, vol: image.Volume) -> bool:
+    """An INTERNAL layer of the image itself that no snapshot names and
+    only one volume reads through: merging it away loses nothing."""
+    return (vol.meta.image == tree.img_id
+            and vol.meta.voltype == sc.VolumeType.INTERNAL
+            and vol.snapshot_id is None
+            and len(tree.children(vol.vol_id)) == 1)
 
 
 def _prefer_commit(base: image.Volume, top: image.Volume) -> bool:

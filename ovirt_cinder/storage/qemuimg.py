@@ -190,9 +190,13 @@ def info(path: str, fmt: str | None = None, *, untrusted: bool = False,
 def create(path: str, fmt: str, size: int | None = None, *,
            backing: str | None = None, backing_fmt: str | None = None,
            preallocation: str | None = None, compat: str = "1.1",
-           cluster_size: int | None = None,
+           cluster_size: int | None = None, unsafe: bool = False,
            timeout: float | None = None) -> None:
-    """Create an image; a backing file always comes with its format."""
+    """Create an image; a backing file always comes with its format.
+
+    ``unsafe`` (``-u``, needs ``size``): do not open the backing file,
+    for an overlay on an image another process holds open for writing
+    (qemu's image locks refuse to open it here)."""
     _check_backing(backing, backing_fmt)
     _check_preallocation(preallocation)
     options = _create_options(fmt, compat, preallocation, cluster_size)
@@ -201,6 +205,10 @@ def create(path: str, fmt: str, size: int | None = None, *,
         args += ["-o", options]
     if backing is not None:
         args += ["-b", backing, "-F", str(backing_fmt)]
+        if unsafe:
+            if size is None:
+                raise ValueError("an unsafe overlay needs its size")
+            args.append("-u")
     args.append(path)
     if size is not None:
         args.append(str(size))
@@ -339,8 +347,11 @@ def check(path: str, *, fmt: str = "qcow2", untrusted: bool = False,
 
 def map(path: str, *, fmt: str,
         timeout: float | None = None) -> list[Extent]:
-    """Allocation map of ``path`` and its chain (``depth`` 0 is the top)."""
-    args = ["map", "--output", "json", "-f", fmt, path]
+    """Allocation map of ``path`` and its chain (``depth`` 0 is the top).
+
+    Runs with ``-U``: a map of an image a daemon holds open for writing
+    is a snapshot of a moving target, good for estimates only."""
+    args = ["map", "--output", "json", "-U", "-f", fmt, path]
     out = _run(args, timeout=timeout)
     return [_parse_extent(e) for e in _loads(out, args)]
 

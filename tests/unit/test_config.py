@@ -25,8 +25,9 @@ from ovirt_cinder.storage.pool import StoragePool
 
 SHARED = ["ovirt_pool_uuid", "ovirt_domain_paths", "ovirt_lease_backend",
           "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
-          "ovirt_lease_timeout", "ovirt_lock_path", "ovirt_qemu_img_timeout",
-          "ovirt_copy_stall_timeout", "ovirt_file_owner", "ovirt_file_group"]
+          "ovirt_lease_timeout", "ovirt_lock_path", "ovirt_run_path",
+          "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
+          "ovirt_file_owner", "ovirt_file_group"]
 MiB = 1024 * 1024
 
 
@@ -112,12 +113,14 @@ def test_declared_once_for_every_component():
                                       strict=False))
     groups = generator.list_opts()
     assert [g for g, _ in groups] == ["backend_defaults", "ovirt",
-                                      "storage"]
-    for group, found in groups:
+                                      "storage", "ovirt_cinder_privileged"]
+    for group, found in groups[:3]:
         names = [o.name for o in found]
         assert len(names) == len(set(names)), group
         assert names[:len(SHARED)] == SHARED, group
     assert dict(groups)["storage"] == config.POOL_OPTS
+    # Our privsep context's options (helper_command, ...).
+    assert "helper_command" in [o.name for o in groups[3][1]]
 
 
 def test_registered_in_an_oslo_group(mounts, storage, locks):

@@ -96,7 +96,7 @@ class OvirtStoreTest(base.MultiStoreBaseTest):
                           "ovirt_lease_backend", "ovirt_host_id",
                           "ovirt_io_timeout", "ovirt_flow_connection",
                           "ovirt_lease_timeout", "ovirt_lock_path",
-                          "ovirt_qemu_img_timeout",
+                          "ovirt_run_path", "ovirt_qemu_img_timeout",
                           "ovirt_copy_stall_timeout", "ovirt_file_owner",
                           "ovirt_file_group", "ovirt_store_domain",
                           "ovirt_max_image_size", "ovirt_chunk_size"],
