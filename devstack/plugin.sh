@@ -14,8 +14,17 @@ _XTRACE_OVIRT_CINDER=$(set +o | grep xtrace)
 set -o xtrace
 
 function install_ovirt_cinder {
-    install_package qemu-utils qemu-block-extra
+    # qemu-system-common: qemu-storage-daemon, which serves attached
+    # volumes (with fuse3); tgt: the iSCSI target Cinder's tgtadm helper
+    # drives.
+    install_package qemu-utils qemu-block-extra qemu-system-common fuse3 tgt
     setup_develop "$OVIRT_CINDER_DIR"
+    # cinder-rootwrap (filters_path /etc/cinder/rootwrap.d) lets
+    # cinder-volume start our privsep helper.
+    sudo install -d -o root -m 0755 /etc/cinder/rootwrap.d
+    sudo install -o root -m 0644 \
+        "$OVIRT_CINDER_DIR/etc/ovirt-cinder/rootwrap.d/ovirt-cinder.filters" \
+        /etc/cinder/rootwrap.d/
 }
 
 # Create the pool (its master domain in the first path) and a domain in
@@ -57,6 +66,22 @@ function configure_ovirt_cinder_backend {
         "$OVIRT_CINDER_DOMAIN_PATHS"
     # Cinder, Glance and ovirt-storage on this host share the image locks.
     iniset "$CINDER_CONF" "$name" ovirt_lock_path "$OVIRT_CINDER_LOCK_PATH"
+    # Attached volumes: a qemu-storage-daemon per volume, exported over
+    # iSCSI by Cinder's tgtadm helper with CHAP, as for the LVM driver.
+    iniset "$CINDER_CONF" "$name" ovirt_export_protocol \
+        "$OVIRT_CINDER_EXPORT_PROTOCOL"
+    iniset "$CINDER_CONF" "$name" target_helper "$CINDER_TARGET_HELPER"
+    iniset "$CINDER_CONF" "$name" target_ip_address "$HOST_IP"
+    # tgtd without its page cache in front of the daemon's view.
+    iniset "$CINDER_CONF" "$name" iscsi_target_flags direct
+    # The daemons run as root through our privsep context.
+    iniset "$CINDER_CONF" ovirt_cinder_privileged helper_command \
+        "sudo cinder-rootwrap $CINDER_CONF_DIR/rootwrap.conf privsep-helper --config-file $CINDER_CONF"
+    if [[ "$CINDER_TARGET_HELPER" == "tgtadm" ]]; then
+        # tgtd reads the target files Cinder's helper writes.
+        echo "include $CINDER_STATE_PATH/volumes/*" | \
+            sudo tee /etc/tgt/conf.d/ovirt-cinder.conf >/dev/null
+    fi
 
     local enabled
     enabled=$(iniget "$CINDER_CONF" DEFAULT enabled_backends)

@@ -21,8 +21,10 @@ and os-brick run in-process, as in the functional tests.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import os
+import shutil
 import tempfile
 import uuid
 from typing import Any
@@ -157,9 +159,15 @@ def _cinder_driver(pool: StoragePool, root: str) -> Any:
     conf.set_override("lock_path", os.path.join(root, "locks"),
                       group="oslo_concurrency")
     conf.register_group(cfg.OptGroup(CINDER_BACKEND))
+    # Attached volumes are served to this host itself (no initiator):
+    # their daemons live in a short directory (unix socket paths).
+    run_path = tempfile.mkdtemp(prefix="ovirt-demo-", dir="/tmp")
+    atexit.register(shutil.rmtree, run_path, True)
     for name, value in {"volume_backend_name": CINDER_BACKEND,
                         "ovirt_domain_paths": _mounts(pool),
-                        "ovirt_pool_uuid": pool.pool_id}.items():
+                        "ovirt_pool_uuid": pool.pool_id,
+                        "ovirt_export_protocol": "local",
+                        "ovirt_run_path": run_path}.items():
         conf.set_override(name, value, group="backend_defaults")
     # Root without sudo: privileged calls run in-process.
     cinder_privsep.sys_admin_pctxt.set_client_mode(False)
@@ -285,11 +293,20 @@ def _image_walk(walk: demo.Walk, drv: Any, ctx: Any, sd1: str,
                          " bytes")
             notes.append(demo.verify(leaf, 0, 0x61, 4 * MiB))
         vols["from_image"] = from_image
-    with walk.step("initialize_connection (the raw volume from the "
-                   "snapshot)") as notes:
-        info = drv.initialize_connection(
-            vols["from_snap"], {"host": "demo-host", "initiator": None})
+    with walk.step("create_export + initialize_connection (the volume "
+                   "from the snapshot, served by its daemon)") as notes:
+        connector = {"host": "demo-host", "initiator": None}
+        drv.create_export(ctx, vols["from_snap"], connector)
+        info = drv.initialize_connection(vols["from_snap"], connector)
         notes.append(f"{info}")
+        with open(info["data"]["device_path"], "rb") as f:
+            ok = f.read(MiB) == b"\x51" * MiB
+        notes.append(f"read 1 MiB of 0x51 at 0 through the view: "
+                     f"{'ok' if ok else 'MISMATCH'}")
+        drv.terminate_connection(vols["from_snap"], connector)
+        drv.remove_export(ctx, vols["from_snap"])
+        if not ok:
+            raise AssertionError("the view does not hold the volume's data")
     with walk.step("delete_snapshot (merge into the leaf)") as notes:
         drv.delete_snapshot(vols["snap"])
         vol = vols["vol"]

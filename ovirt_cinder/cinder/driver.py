@@ -8,19 +8,26 @@ whose DESCRIPTION names the snapshot id (``snapshot.provider_location`` if
 set, which is how managed snapshots keep their original id, else
 ``snapshot.id``).
 
-Attach (``initialize_connection``):
+Attach (``ovirt_export_protocol``; see :mod:`ovirt_cinder.storage.attach`
+and ``doc/source/admin/cinder.rst``): ``create_export`` starts a
+qemu-storage-daemon that opens the volume's chain and serves its guest
+view as a raw file; ``remove_export`` stops it, ``ensure_export`` finds it
+again (or starts it) after a restart. Then:
 
-* NFS domains: ``driver_volume_type: nfs`` with ``export`` (the domain's
-  REMOTE_PATH), ``name`` (``<sd_id>/images/<img>/<leaf>``) and ``format``
-  (``raw``/``qcow2``); os-brick mounts the export, qemu follows the chain.
-* Local and POSIX domains: ``driver_volume_type: local`` with
-  ``device_path``, usable by Cinder's host-side copy code on this host. Its
-  ``dd`` copies bytes, so this works only while the image is one RAW
-  volume. A qcow2 volume or a chain is attached this way only while it
-  is the source of a host-assisted migration: the path is then a raw copy
-  of its guest view (:mod:`ovirt_cinder.cinder.migration`), removed by
-  ``terminate_connection``; otherwise it is refused with a clear error (a
-  Nova host elsewhere cannot attach these until the iSCSI export exists).
+* ``iscsi`` (default): Cinder's target helper (``target_helper``) exports
+  that view as LUN 1 of a target per volume with CHAP credentials
+  (``provider_auth``); ``initialize_connection`` is the helper's.
+* ``local``: ``driver_volume_type: local`` with the view as
+  ``device_path``, for consumers on this host (backup, host-assisted
+  migration).
+* ``nfs``: on NFS domains, ``driver_volume_type: nfs`` with ``export``,
+  ``name`` (``<sd_id>/images/<img>/<leaf>``) and ``format``; Nova opens
+  the chain itself, so snapshots and extends of attached volumes are
+  refused.
+
+While a daemon serves a volume, snapshots, their deletion (merges) and
+extends go through it live; a revert is refused; a clone or an upload of
+it reads a temporary live snapshot, merged back afterwards.
 
 Image transfer never goes through an attachment: ``copy_image_to_volume``
 downloads to ``image_conversion_dir``, inspects the untrusted bytes
@@ -43,11 +50,14 @@ from cinder.common import constants
 from cinder.image import image_utils
 from cinder.volume import driver
 from cinder.volume import volume_utils
+from cinder.volume.targets import tgt as tgt_target
 from oslo_config import cfg
+from oslo_utils import excutils
+from oslo_utils import importutils
 
 from ovirt_cinder.cinder import manageable
-from ovirt_cinder.cinder import migration
 from ovirt_cinder.cinder import options
+from ovirt_cinder.cinder import tgt
 from ovirt_cinder.cinder.translate import engine_errors
 from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
@@ -100,6 +110,14 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.OVIRT_OPTS)
         self.pool: StoragePool | None = None
+        self.target_driver: Any = None
+        if self.configuration.safe_get("ovirt_export_protocol") == "iscsi":
+            # Cinder's own target helpers (tgtadm, lioadm), as the LVM
+            # driver builds them.
+            helper = self.configuration.safe_get("target_helper")
+            self.target_driver = importutils.import_object(
+                self.target_mapping[helper],
+                configuration=self.configuration, executor=self._execute)
 
     @staticmethod
     def get_driver_options() -> list[cfg.Opt]:
@@ -161,9 +179,9 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         return (specs or {}).get(f"ovirt:{key}", default)
 
     def _format(self, volume: Any) -> sc.VolumeFormat:
-        if (volume.migration_status or "").startswith("target:"):
-            # Host-assisted migration copies bytes: the target must be raw.
-            return sc.VolumeFormat.RAW
+        # Also for the target of a host-assisted migration or retype:
+        # Cinder's copy writes the guest's bytes into the target's view,
+        # whatever its format.
         name = self._spec(volume, "volume_format",
                           self.configuration.ovirt_volume_format)
         if name not in _FORMATS:
@@ -217,9 +235,32 @@ class OvirtVolumeDriver(driver.VolumeDriver):
                         "%s (kept): %s", tmpl_img, sd_id, e)
 
     def extend_volume(self, volume: Any, new_size: int) -> None:
+        """Grow the volume; an attached one live, in its daemon, and its
+        iSCSI target is then told the new size (Cinder's target helper
+        ``extend_target``, as the LVM driver does)."""
+        self._refuse_nfs_attached(volume, "extend")
         sd_id = self._sd_id(volume)
         with engine_errors(volume_id=volume.id):
             self._pool.extend(sd_id, volume.name_id, new_size * GiB)
+            served = self._pool.attached(volume.name_id)
+        if served and self._export_mode(sd_id) == "iscsi":
+            self._reopen_target(volume)
+
+    def _reopen_target(self, volume: Any) -> None:
+        """Make the target serve the view anew (its new size, or a new
+        daemon's view) with Cinder's ``extend_target``; with tgtd, wait
+        for the initiators to log in again (:mod:`tgt`)."""
+        iqn = f"{self.configuration.target_prefix}{volume.name}"
+        tgtadm = isinstance(self.target_driver, tgt_target.TgtAdm)
+        before = tgt.sessions(iqn) if tgtadm else 0
+        try:
+            self.target_driver.extend_target(volume)
+        except Exception as e:
+            LOG.exception("Volume %s: its iSCSI target was not updated",
+                          volume.id)
+            raise exception.TargetUpdateFailed(volume_id=volume.id) from e
+        if before:
+            tgt.wait_sessions(iqn, before)
 
     def create_cloned_volume(self, volume: Any, src_vref: Any) -> None:
         src_sd = self._sd_id(src_vref)
@@ -233,14 +274,18 @@ class OvirtVolumeDriver(driver.VolumeDriver):
     # Snapshots
 
     def create_snapshot(self, snapshot: Any) -> None:
+        """Freeze the leaf; of an attached volume live, in its daemon."""
         volume = snapshot.volume
+        self._refuse_nfs_attached(volume, "snapshot")
         sd_id = self._sd_id(volume)
         with engine_errors(volume_id=volume.id, snapshot_id=snapshot.id):
             self._pool.snapshot(sd_id, volume.name_id,
                                 self._snap_id(snapshot))
 
     def delete_snapshot(self, snapshot: Any) -> None:
+        """Merge the snapshot away; of an attached volume live."""
         volume = snapshot.volume
+        self._refuse_nfs_attached(volume, "delete a snapshot of")
         try:
             sd_id = self._sd_id(volume)
             with engine_errors(volume_id=volume.id,
@@ -274,54 +319,101 @@ class OvirtVolumeDriver(driver.VolumeDriver):
 
     # Attach
 
+    def _export_mode(self, sd_id: str) -> str:
+        """``iscsi``, ``local`` or ``nfs`` for volumes of ``sd_id``."""
+        mode = self.configuration.ovirt_export_protocol
+        if mode == "nfs":
+            dom = self._pool.domain(sd_id)
+            if dom.metadata.type != sc.DomainType.NFS:
+                return "local"
+        return mode
+
+    def _view(self, volume: Any) -> str:
+        """Serve the volume's guest view from its daemon; its path."""
+        with engine_errors(volume_id=volume.id):
+            return self._pool.attach(self._sd_id(volume), volume.name_id)
+
+    def create_export(self, context: Any, volume: Any,
+                      connector: Any) -> dict | None:
+        mode = self._export_mode(self._sd_id(volume))
+        if mode == "nfs":
+            return None
+        view = self._view(volume)
+        if mode != "iscsi":
+            return None
+        try:
+            export = self.target_driver.create_export(context, volume, view)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self._detach(volume)
+        return {"provider_location": export["location"],
+                "provider_auth": export["auth"]}
+
+    def ensure_export(self, context: Any, volume: Any) -> dict | None:
+        """After a restart: the daemon (still running, or started again)
+        and the target serve the volume as before."""
+        mode = self._export_mode(self._sd_id(volume))
+        if mode == "nfs":
+            return None
+        restarted = self._pool.attached(volume.name_id) is None
+        view = self._view(volume)
+        if mode != "iscsi":
+            return None
+        update = self.target_driver.ensure_export(context, volume, view)
+        if restarted:
+            # A target that outlived its daemon holds the dead daemon's
+            # view open: make the target open the new one.
+            LOG.info("Serving volume %s from a new daemon; reopening its "
+                     "target", volume.id)
+            self._reopen_target(volume)
+        return update
+
+    def remove_export(self, context: Any, volume: Any) -> None:
+        if self._export_mode(self._sd_id(volume)) == "iscsi":
+            self.target_driver.remove_export(context, volume)
+        self._detach(volume)
+
+    def _detach(self, volume: Any) -> None:
+        with engine_errors(volume_id=volume.id):
+            self._pool.detach(self._sd_id(volume), volume.name_id)
+
     def initialize_connection(self, volume: Any, connector: Any,
                               initiator_data: Any = None) -> dict:
         sd_id = self._sd_id(volume)
+        mode = self._export_mode(sd_id)
+        if mode == "iscsi":
+            return self.target_driver.initialize_connection(volume,
+                                                            connector)
+        if mode == "local":
+            return {"driver_volume_type": "local",
+                    "data": {"device_path": self._view(volume)}}
         with engine_errors(volume_id=volume.id):
             dom = self._pool.domain(sd_id)
-            tree = self._pool.image(sd_id, volume.name_id)
-            leaf = tree.leaf()
-            chain = tree.chain()
-        if dom.metadata.type == sc.DomainType.NFS:
-            name = f"{sd_id}/{sc.IMAGES}/{volume.name_id}/{leaf.vol_id}"
-            return {"driver_volume_type": "nfs", "data": {
-                "export": dom.metadata.remote_path, "name": name,
-                "format": leaf.qemu_format}}
-        path = leaf.path
-        if len(chain) != 1 or leaf.meta.format != sc.VolumeFormat.RAW:
-            path = self._raw_view(volume, sd_id, chain)
-        return {"driver_volume_type": "local",
-                "data": {"device_path": path}}
+            leaf = self._pool.leaf(sd_id, volume.name_id)
+        name = f"{sd_id}/{sc.IMAGES}/{volume.name_id}/{leaf.vol_id}"
+        return {"driver_volume_type": "nfs", "data": {
+            "export": dom.metadata.remote_path, "name": name,
+            "format": leaf.qemu_format}}
 
-    def _raw_view(self, volume: Any, sd_id: str, chain: list) -> str:
-        """A raw copy of a migrating qcow2 volume or chain, else refused
-        (see :mod:`ovirt_cinder.cinder.migration`)."""
-        if volume.migration_status != migration.MIGRATING:
-            leaf = chain[-1]
-            raise exception.VolumeBackendAPIException(
-                data=f"volume {volume.id} is a {leaf.qemu_format} chain of "
-                     f"{len(chain)}; a local attachment needs one raw "
-                     "volume (use the NFS export or wait for iSCSI)")
-        path = migration.raw_view_path(CONF.image_conversion_dir, volume.id)
-        with engine_errors(volume_id=volume.id):
-            return migration.open_raw_view(self._pool, sd_id,
-                                           volume.name_id, path)
+    def validate_connector(self, connector: dict) -> None:
+        if self.target_driver is not None:
+            self.target_driver.validate_connector(connector)
 
     def terminate_connection(self, volume: Any, connector: Any,
                              **kwargs: Any) -> None:
-        if migration.close_raw_view(migration.raw_view_path(
-                CONF.image_conversion_dir, volume.id)):
-            LOG.info("Removed the raw view of volume %s", volume.id)
+        if self._export_mode(self._sd_id(volume)) == "iscsi":
+            self.target_driver.terminate_connection(volume, connector,
+                                                    **kwargs)
 
-    def create_export(self, context: Any, volume: Any,
-                      connector: Any) -> None:
-        pass
-
-    def ensure_export(self, context: Any, volume: Any) -> None:
-        pass
-
-    def remove_export(self, context: Any, volume: Any) -> None:
-        pass
+    def _refuse_nfs_attached(self, volume: Any, operation: str) -> None:
+        """Nova opens an NFS-attached chain itself: changing its files
+        behind the guest is never done (no Nova-assisted snapshots)."""
+        if (volume.attach_status == "attached"
+                and self._export_mode(self._sd_id(volume)) == "nfs"):
+            raise exception.InvalidVolume(
+                reason=f"cannot {operation} volume {volume.id}: it is "
+                "attached over NFS and the guest writes its files; detach "
+                "it, or serve volumes with ovirt_export_protocol = iscsi")
 
     # Images
 
@@ -424,6 +516,11 @@ class OvirtVolumeDriver(driver.VolumeDriver):
 
     def migrate_volume(self, context: Any, volume: Any,
                        host: dict) -> tuple[bool, dict | None]:
+        if (volume.attach_status == "attached"
+                or self._pool.attached(volume.name_id)):
+            # No live migration between domains yet: Cinder's generic
+            # migration (Nova's swap) moves an attached volume.
+            return False, None
         dst_sd = self._same_pool_target(volume, host)
         if dst_sd is None:
             return False, None
@@ -552,8 +649,13 @@ class OvirtVolumeDriver(driver.VolumeDriver):
     def _update_volume_stats(self) -> None:
         conf = self.configuration
         types = {d.metadata.type for d in self._pool.domains.values()}
-        protocol = (constants.NFS if types == {sc.DomainType.NFS}
-                    else constants.FILE)
+        mode = conf.ovirt_export_protocol
+        if mode == "iscsi":
+            protocol = constants.ISCSI
+        elif mode == "nfs" and types == {sc.DomainType.NFS}:
+            protocol = constants.NFS
+        else:
+            protocol = constants.FILE
         self._stats = {
             "volume_backend_name": (conf.safe_get("volume_backend_name")
                                     or self.__class__.__name__),
@@ -587,7 +689,9 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             "thin_provisioning_support": True,
             "thick_provisioning_support": True,
             "multiattach": False,
-            "online_extend_support": False,
+            "online_extend_support": (
+                conf.ovirt_export_protocol != "nfs"
+                or dom.metadata.type != sc.DomainType.NFS),
             "QoS_support": False,
             "location_info": self._location_info(),
             "ovirt_domain_type": str(dom.metadata.type),

@@ -79,6 +79,33 @@ Possible values:
 Related options:
     * None
 """),
+    cfg.StrOpt(
+        "ovirt_export_protocol", default="iscsi",
+        choices=["iscsi", "local", "nfs"],
+        help="""
+How attached volumes are served. In every mode but ``nfs`` a
+qemu-storage-daemon on this host opens the volume's chain and serves its
+guest view as one raw file; snapshots, merges and extends of attached
+volumes then go through that daemon, live.
+
+Possible values:
+    * iscsi: an iSCSI target per volume on that view, made by Cinder's
+      target helper (``target_helper``: ``tgtadm`` or ``lioadm``), with
+      CHAP credentials in the volume's ``provider_auth``. For Nova hosts
+      anywhere.
+    * local: ``driver_volume_type: local`` with the view's path, for a
+      consumer on this host only (cinder-backup, host-assisted migration,
+      tests).
+    * nfs: on NFS domains, ``driver_volume_type: nfs`` with the leaf's
+      path: Nova opens the qcow2 chain itself. Snapshots, merges and
+      extends of attached volumes are then refused (they would change
+      files a running guest writes). Other domains are served as
+      ``local``.
+
+Related options:
+    * ``target_helper``, ``target_ip_address``, ``target_port``,
+      ``target_prefix``, ``volumes_dir`` (Cinder's target options)
+"""),
     cfg.BoolOpt(
         "ovirt_copy_offload", default=True,
         help="""

@@ -9,7 +9,8 @@ ImageNotFound, VolumeNotFound           VolumeNotFound (``volume_id``)
 SnapshotNotFound                        SnapshotNotFound (``snapshot_id``)
 ImageIsBusy (StalePlan), LeaseTimeout   VolumeIsBusy (retry later)
 UnsafeImage (FormatMismatch, ...)       ImageUnacceptable
-InvalidOperation, InvalidParameter      InvalidVolume
+InvalidOperation, InvalidParameter,     InvalidVolume
+VolumeAttached
 any other StorageError                  VolumeBackendAPIException
 ======================================  ===================================
 
@@ -66,6 +67,7 @@ def _cinder_error(e: errors.StorageError, volume_id: str,
         return exception.VolumeIsBusy(volume_name=volume_id or e)
     if isinstance(e, errors.UnsafeImage):
         return exception.ImageUnacceptable(image_id=image_id, reason=text)
-    if isinstance(e, (errors.InvalidOperation, errors.InvalidParameter)):
+    if isinstance(e, (errors.InvalidOperation, errors.InvalidParameter,
+                      errors.VolumeAttached)):
         return exception.InvalidVolume(reason=text)
     return exception.VolumeBackendAPIException(data=text)

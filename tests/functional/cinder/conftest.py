@@ -6,6 +6,8 @@ built by ``cinder.db.migration``).
 Only the Glance API is replaced (tests.unit.cinder.fakes.ImageService).
 """
 
+import shutil
+import tempfile
 from unittest import mock
 
 import pytest
@@ -23,6 +25,7 @@ from oslo_config import cfg  # noqa: E402
 from oslo_messaging import conffixture  # noqa: E402
 
 from ovirt_cinder.cinder import options  # noqa: E402
+from ovirt_cinder.storage import attach  # noqa: E402
 from ovirt_cinder.storage.pool import StoragePool  # noqa: E402
 from tests.unit.cinder import fakes  # noqa: E402
 
@@ -57,7 +60,26 @@ def _no_privsep_daemon():
 
 
 @pytest.fixture
-def cinder_conf(tmp_path, mounts, storage):
+def run_path():
+    """Where attached volumes' daemons live: short (unix socket paths),
+    and every daemon left there is stopped afterwards."""
+    path = tempfile.mkdtemp(prefix="oc-", dir="/tmp")
+    yield path
+    att = attach.Attachments(path)
+    for img_id in att.images():
+        att.stop(img_id)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def export_protocol():
+    """How the backend serves attached volumes; os-brick cannot attach
+    iSCSI on these machines, so Cinder's own attaches use ``local``."""
+    return "local"
+
+
+@pytest.fixture
+def cinder_conf(tmp_path, mounts, storage, run_path, export_protocol):
     options.register(CONF)
     CONF([], project="cinder", default_config_files=[])
     messaging = conffixture.ConfFixture(CONF)
@@ -76,7 +98,9 @@ def cinder_conf(tmp_path, mounts, storage):
                         "volume_backend_name": BACKEND}.items():
         CONF.set_override(name, value, group="backend_defaults")
     for name, value in {"ovirt_domain_paths": mounts,
-                        "ovirt_pool_uuid": storage.pool_id}.items():
+                        "ovirt_pool_uuid": storage.pool_id,
+                        "ovirt_run_path": run_path,
+                        "ovirt_export_protocol": export_protocol}.items():
         CONF.set_override(name, value, group="backend_defaults")
     CONF.set_override("backend_url", f"file://{tmp_path}/coordination",
                       group="coordination")

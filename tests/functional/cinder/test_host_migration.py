@@ -10,6 +10,8 @@ process boundary absent here) is replaced by ``env``: we run as root.
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from unittest import mock
 
@@ -28,7 +30,6 @@ from cinder.volume import volume_utils  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 
 from ovirt_cinder.cinder import driver as ovirt_driver  # noqa: E402
-from ovirt_cinder.cinder import migration  # noqa: E402
 from ovirt_cinder.cinder import options  # noqa: E402
 from ovirt_cinder.storage import constants as sc  # noqa: E402
 from ovirt_cinder.storage import qemuimg  # noqa: E402
@@ -55,7 +56,7 @@ def _conf(tmp_path):
     CONF.clear_override("lock_path", group="oslo_concurrency")
 
 
-def make_driver(tmp_path, name):
+def make_driver(tmp_path, name, run_path):
     mount = tmp_path / name
     mount.mkdir()
     pool = StoragePool.create(str(mount), description=name)
@@ -63,6 +64,8 @@ def make_driver(tmp_path, name):
     CONF.register_opts(options.OVIRT_OPTS, group=name)
     CONF.set_override("ovirt_domain_paths", [str(mount)], group=name)
     CONF.set_override("ovirt_pool_uuid", pool.pool_id, group=name)
+    CONF.set_override("ovirt_run_path", run_path, group=name)
+    CONF.set_override("ovirt_export_protocol", "local", group=name)
     conf = configuration.Configuration([], config_group=name)
     drv = ovirt_driver.OvirtVolumeDriver(configuration=conf,
                                          host=f"host@{name}")
@@ -74,10 +77,19 @@ def make_driver(tmp_path, name):
 @pytest.fixture
 def drivers(tmp_path):
     names = (f"ovirt-{uid()[:8]}", f"ovirt-{uid()[:8]}")
-    yield tuple(make_driver(tmp_path, n) for n in names)
+    run_path = tempfile.mkdtemp(prefix="oc-", dir="/tmp")
+    drvs = tuple(make_driver(tmp_path, n, run_path) for n in names)
+    yield drvs
+    assert no_daemons(drvs)
+    shutil.rmtree(run_path, ignore_errors=True)
     for name in names:
-        CONF.clear_override("ovirt_domain_paths", group=name)
-        CONF.clear_override("ovirt_pool_uuid", group=name)
+        for opt in ("ovirt_domain_paths", "ovirt_pool_uuid",
+                    "ovirt_run_path", "ovirt_export_protocol"):
+            CONF.clear_override(opt, group=name)
+
+
+def no_daemons(drvs):
+    return all(not d.pool.attachments.images() for d in drvs)
 
 
 @pytest.fixture
@@ -103,8 +115,10 @@ def write(drv, volume, offset, pattern):
 
 @contextlib.contextmanager
 def attached(drv, volume):
-    """initialize_connection + os-brick connect, as the manager does."""
+    """create_export, initialize_connection and os-brick connect, as the
+    manager does; undone in reverse."""
     props = volume_utils.brick_get_connector_properties(False, False)
+    drv.create_export(None, volume, props)
     conn = drv.initialize_connection(volume, props)
     connector = volume_utils.brick_get_connector(
         conn["driver_volume_type"], conn=conn)
@@ -115,11 +129,12 @@ def attached(drv, volume):
     finally:
         connector.disconnect_volume(conn["data"], device, force=True)
         drv.terminate_connection(volume, props, force=True)
+        drv.remove_export(None, volume)
 
 
 def migrate(ctx, src_drv, dst_drv, src):
     """Cinder's generic copy of ``src`` into a new volume of dst_drv."""
-    src.migration_status = migration.MIGRATING
+    src.migration_status = "migrating"
     dst = new_volume(ctx, dst_drv, size=src.size,
                      migration_status=f"target:{src.id}")
     dst_drv.create_volume(dst)
@@ -146,9 +161,7 @@ def verify_raw(drv, volume, patterns):
     qemuio.verify_zero(v.path, "raw", end, volume.size * GiB - end)
 
 
-def no_raw_views():
-    conv = CONF.image_conversion_dir
-    return not os.path.isdir(conv) or os.listdir(conv) == []
+
 
 
 def test_chain(drivers, ctx):
@@ -165,7 +178,7 @@ def test_chain(drivers, ctx):
                                   src.name_id).chain()) == 2
     dst = migrate(ctx, src_drv, dst_drv, src)
     verify_raw(dst_drv, dst, {0: 0x11, 10 * MiB: 0x13, 512 * MiB: 0x14})
-    assert no_raw_views()
+    assert no_daemons(drivers)
 
 
 def test_qcow2_volume(drivers, ctx):
@@ -182,6 +195,42 @@ def test_qcow2_volume(drivers, ctx):
     verify_raw(dst_drv, dst, {3 * MiB: 0x21, GiB - MiB: 0x22})
     CONF.clear_override("ovirt_volume_format",
                         group=src_drv.configuration.config_group)
+
+
+def test_target_keeps_its_format(drivers, ctx):
+    """A retype to a qcow2 type migrates into a qcow2 volume: the copy
+    writes the guest's bytes through the target's view."""
+    src_drv, dst_drv = drivers
+    CONF.set_override("ovirt_volume_format", "qcow2",
+                      group=dst_drv.configuration.config_group)
+    try:
+        src = new_volume(ctx, src_drv)
+        src_drv.create_volume(src)
+        write(src_drv, src, 0, 0x51)
+        src_drv.create_snapshot(fake_snapshot.fake_snapshot_obj(
+            ctx, id=uid(), volume_id=src.id, volume=src, volume_size=1))
+        write(src_drv, src, 300 * MiB, 0x52)
+        dst = migrate(ctx, src_drv, dst_drv, src)
+    finally:
+        CONF.clear_override("ovirt_volume_format",
+                            group=dst_drv.configuration.config_group)
+    tree = dst_drv.pool.image(dst_drv._sd_id(dst), dst.name_id)
+    assert len(tree.chain()) == 1
+    v = tree.leaf()
+    assert v.meta.format == sc.VolumeFormat.COW
+    qemuio.verify_pattern(v.path, "qcow2", 0, MiB, 0x51)
+    qemuio.verify_pattern(v.path, "qcow2", 300 * MiB, MiB, 0x52)
+    qemuio.verify_zero(v.path, "qcow2", MiB, 299 * MiB)
+    # Sparse: the zeros were not written.
+    assert qemuimg.allocated_bytes(v.path, fmt="qcow2") < 16 * MiB
+
+
+def test_attached_volume_is_not_migrated_by_the_driver(drivers, ctx):
+    src_drv = drivers[0]
+    src = new_volume(ctx, src_drv, attach_status="attached")
+    src_drv.create_volume(src)
+    host = {"host": "other@ovirt#x", "capabilities": {}}
+    assert src_drv.migrate_volume(ctx, src, host) == (False, None)
 
 
 def test_thin_clone_of_template(drivers, ctx, tmp_path):
@@ -206,59 +255,38 @@ def test_thin_clone_of_template(drivers, ctx, tmp_path):
     assert pool.image(sd_id, tmpl_img).template() is not None
 
 
-def test_single_raw_volume_attaches_its_leaf(drivers, ctx):
-    src_drv, dst_drv = drivers
+def test_view_is_the_guest_view_and_goes_on_detach(drivers, ctx):
+    src_drv = drivers[0]
     src = new_volume(ctx, src_drv)
     src_drv.create_volume(src)
+    src_drv.create_snapshot(fake_snapshot.fake_snapshot_obj(
+        ctx, id=uid(), volume_id=src.id, volume=src, volume_size=1))
     write(src_drv, src, 5 * MiB, 0x41)
-    src.migration_status = migration.MIGRATING
-    conn = src_drv.initialize_connection(src, {})
-    assert conn["data"]["device_path"] == leaf(src_drv, src).path
-    dst = migrate(ctx, src_drv, dst_drv, src)
-    verify_raw(dst_drv, dst, {5 * MiB: 0x41})
-    assert no_raw_views()
-
-
-def test_chain_not_migrating_is_refused(drivers, ctx):
-    src_drv = drivers[0]
-    src = new_volume(ctx, src_drv)
-    src_drv.create_volume(src)
-    src_drv.create_snapshot(fake_snapshot.fake_snapshot_obj(
-        ctx, id=uid(), volume_id=src.id, volume=src, volume_size=1))
-    with pytest.raises(exception.VolumeBackendAPIException):
-        src_drv.initialize_connection(src, {})
-    assert no_raw_views()
-
-
-def test_raw_view_removed_on_terminate(drivers, ctx):
-    src_drv = drivers[0]
-    src = new_volume(ctx, src_drv, migration_status=migration.MIGRATING)
-    src_drv.create_volume(src)
-    src_drv.create_snapshot(fake_snapshot.fake_snapshot_obj(
-        ctx, id=uid(), volume_id=src.id, volume=src, volume_size=1))
-    path = src_drv.initialize_connection(src, {})["data"]["device_path"]
-    assert path.startswith(CONF.image_conversion_dir)
-    assert qemuimg.info(path, "raw").virtual_size == GiB
-    src_drv.terminate_connection(src, {})
+    with attached(src_drv, src) as path:
+        assert path.startswith(src_drv.pool.attachments.root)
+        assert os.path.getsize(path) == GiB
+        with open(path, "rb") as f:
+            f.seek(5 * MiB)
+            assert f.read(MiB) == b"\x41" * MiB
     assert not os.path.exists(path)
-    src_drv.terminate_connection(src, {})  # idempotent
+    assert no_daemons(drivers)
 
 
 def test_missing_source_is_a_cinder_error(drivers, ctx):
     src_drv = drivers[0]
-    src = new_volume(ctx, src_drv, migration_status=migration.MIGRATING)
+    src = new_volume(ctx, src_drv)
     with pytest.raises(exception.VolumeNotFound):
-        src_drv.initialize_connection(src, {})
-    assert no_raw_views()
+        src_drv.create_export(ctx, src, {})
+    assert no_daemons(drivers)
 
 
-def test_failed_export_leaves_no_view(drivers, ctx):
+def test_failed_export_leaves_no_daemon(drivers, ctx):
     src_drv = drivers[0]
-    src = new_volume(ctx, src_drv, migration_status=migration.MIGRATING)
+    src = new_volume(ctx, src_drv)
     src_drv.create_volume(src)
     src_drv.create_snapshot(fake_snapshot.fake_snapshot_obj(
         ctx, id=uid(), volume_id=src.id, volume=src, volume_size=1))
-    os.unlink(leaf(src_drv, src).path)  # qemu-img cannot open the leaf
+    os.unlink(leaf(src_drv, src).path)  # the chain is broken
     with pytest.raises(exception.VolumeBackendAPIException):
-        src_drv.initialize_connection(src, {})
-    assert no_raw_views()
+        src_drv.create_export(ctx, src, {})
+    assert no_daemons(drivers)

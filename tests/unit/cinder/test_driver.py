@@ -93,8 +93,9 @@ def test_options_in_backend_defaults(drv, config):
             "ovirt_host_id", "ovirt_io_timeout", "ovirt_flow_connection",
             "ovirt_lease_timeout", "ovirt_lock_path",
             "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
-            "ovirt_file_owner", "ovirt_file_group",
-            "ovirt_max_image_virtual_size_gb", "ovirt_copy_offload"} == names
+            "ovirt_file_owner", "ovirt_file_group", "ovirt_run_path",
+            "ovirt_max_image_virtual_size_gb", "ovirt_export_protocol",
+            "ovirt_copy_offload"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
     assert config.ovirt_volume_format == "raw"
@@ -103,6 +104,8 @@ def test_options_in_backend_defaults(drv, config):
 def test_list_opts():
     groups = dict(opts.list_opts())
     assert groups["backend_defaults"] == options.OVIRT_OPTS
+    assert "helper_command" in {
+        o.name for o in groups["ovirt_cinder_privileged"]}
 
 
 def test_pool_options_are_the_shared_ones():
@@ -162,12 +165,14 @@ def test_create_volume(drv, ctx, sd2, fmt, config):
     verify(drv, volume, 0, 0x41)
 
 
-def test_create_volume_for_migration_is_raw(drv, ctx, sd1, config):
+def test_create_volume_for_migration_keeps_its_format(drv, ctx, sd1,
+                                                     config):
+    # Cinder's copy writes the guest's bytes through the target's view.
     cfg.CONF.set_override("ovirt_volume_format", "qcow2",
                           group="backend_defaults")
     volume = new_volume(ctx, sd1, migration_status=f"target:{uid()}")
     drv.create_volume(volume)
-    assert leaf(drv, volume).qemu_format == "raw"
+    assert leaf(drv, volume).qemu_format == "qcow2"
 
 
 def test_create_volume_unknown_pool(drv, ctx):
@@ -284,19 +289,9 @@ def test_snapshot_missing_volume(drv, ctx, sd1):
 
 # Attach
 
-def test_initialize_connection_local_raw(drv, created):
-    conn = drv.initialize_connection(created, {})
-    assert conn == {"driver_volume_type": "local",
-                    "data": {"device_path": leaf(drv, created).path}}
-
-
-def test_initialize_connection_local_chain_refused(drv, ctx, created):
-    drv.create_snapshot(new_snapshot(ctx, created))
-    with pytest.raises(exception.VolumeBackendAPIException):
-        drv.initialize_connection(created, {})
-
-
 def test_initialize_connection_nfs(drv, ctx, storage, mounts, tmp_path):
+    cfg.CONF.set_override("ovirt_export_protocol", "nfs",
+                          group="backend_defaults")
     mount = tmp_path / "nfs"
     mount.mkdir()
     dom = storage.add_domain(str(mount), domain_type=sc.DomainType.NFS)
@@ -311,6 +306,12 @@ def test_initialize_connection_nfs(drv, ctx, storage, mounts, tmp_path):
     assert conn == {"driver_volume_type": "nfs", "data": {
         "export": "srv:/export", "name": name, "format": "raw"}}
     assert os.path.exists(os.path.join(str(mount), name))
+    # Nova opens the files: no snapshot or extend behind the guest.
+    volume.attach_status = "attached"
+    with pytest.raises(exception.InvalidVolume, match="attached over NFS"):
+        drv.create_snapshot(new_snapshot(ctx, volume))
+    with pytest.raises(exception.InvalidVolume, match="attached over NFS"):
+        drv.extend_volume(volume, 2)
 
 
 def test_initialize_connection_nfs_domain_from_cli(
@@ -320,6 +321,8 @@ def test_initialize_connection_nfs_domain_from_cli(
     from ovirt_cinder.cmd import storage as cli
 
     monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "none"))
+    cfg.CONF.set_override("ovirt_export_protocol", "nfs",
+                          group="backend_defaults")
     mount = tmp_path / "nfs"
     mount.mkdir()
     code = cli.main(["-p", mounts[0], "--pool-id", storage.pool_id,
@@ -343,7 +346,7 @@ def test_initialize_connection_nfs_domain_from_cli(
 
 def test_stats_pool_per_domain(drv, sd1, sd2, created):
     stats = drv.get_volume_stats(refresh=True)
-    assert stats["storage_protocol"] == "file"
+    assert stats["storage_protocol"] == "iSCSI"
     assert stats["volume_backend_name"] == "OvirtVolumeDriver"
     pools = {p["pool_name"]: p for p in stats["pools"]}
     assert set(pools) == {sd1, sd2}
@@ -354,7 +357,7 @@ def test_stats_pool_per_domain(drv, sd1, sd2, created):
     assert p["thin_provisioning_support"] is True
     assert p["max_over_subscription_ratio"] == 20.0
     assert p["multiattach"] is False
-    assert p["online_extend_support"] is False
+    assert p["online_extend_support"] is True
     assert p["ovirt_domain_version"] == 5
 
 
