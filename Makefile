@@ -65,3 +65,14 @@ clean:
 		*.egg-info .pytest_cache .ruff_cache doc/build releasenotes/build \
 		AUTHORS ChangeLog
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The VM tier (tests/vm): os-brick's ISCSIConnector in a QEMU guest with a
+# full kernel attaches our iSCSI export. tools/vm/build.py builds the
+# guest's image into .vm/ (installing what it needs with apt-get) and does
+# nothing when it is up to date.
+VM_TEST_PATHS := tests/vm
+
+.PHONY: test-vm
+test-vm: deps venv
+	$(PYTHON) tools/vm/build.py
+	$(PYTEST) $(VM_TEST_PATHS)
