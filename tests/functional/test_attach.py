@@ -68,6 +68,17 @@ def img(pool, sd_id):
     return img_id
 
 
+def write_view(view, offset, pattern, length=MiB):
+    """Write and flush ``length`` bytes of ``pattern`` through the view,
+    as a guest would."""
+    fd = os.open(view, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([pattern]) * length, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def digest(path, length=SIZE):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -179,10 +190,7 @@ def test_live_merge_of_the_leaf_snapshot(pool, sd_id, img, tmp_path):
     view = pool.attach(sd_id, img)
     snap_id = validate.new_uuid()
     pool.snapshot(sd_id, img, snap_id)
-    fd = os.open(view, os.O_WRONLY)
-    os.pwrite(fd, b"\x33" * MiB, 2 * MiB)
-    os.fsync(fd)
-    os.close(fd)
+    write_view(view, 2 * MiB, 0x33)
     before = digest(view)
     pool.delete_snapshot(sd_id, img, snap_id)
     assert digest(view) == before
@@ -304,10 +312,7 @@ def test_recovery_without_the_daemon_does_the_work_offline(
     view = pool.attach(sd_id, img)
     snap_id = validate.new_uuid()
     pool.snapshot(sd_id, img, snap_id)
-    fd = os.open(view, os.O_WRONLY)
-    os.pwrite(fd, b"\x66" * MiB, 3 * MiB)
-    os.fsync(fd)
-    os.close(fd)
+    write_view(view, 3 * MiB, 0x66)
     before = digest(view)
 
     def fail(*_a, **_k):
@@ -330,10 +335,7 @@ def test_recovery_without_the_daemon_does_the_work_offline(
 
 def test_attach_after_the_daemon_was_killed(pool, sd_id, img):
     view = pool.attach(sd_id, img)
-    fd = os.open(view, os.O_WRONLY)
-    os.pwrite(fd, b"\x77" * MiB, 0)
-    os.fsync(fd)
-    os.close(fd)
+    write_view(view, 0, 0x77)
     os.kill(pool.attachments.handle(img).pid(), signal.SIGKILL)
     _wait_dead(pool, img)
     assert pool.attached(img) is None
