@@ -1,8 +1,11 @@
-"""Crash matrix of the live operations: the process that runs a snapshot,
-a merge or an extend of an attached image is SIGKILLed before and after
-each of its steps, while the image's daemon goes on serving the guest.
+"""Crash and fault matrices of the live operations: the process that runs
+a snapshot, a merge or an extend of an attached image is SIGKILLed before
+and after each of its steps, or the step fails (EIO) before or after its
+work so that the undos run, while the image's daemon goes on serving the
+guest.
 
-After each kill, ``recover`` finishes or reverts the flow and then:
+After each kill or failure, ``recover`` finishes or reverts the flow and
+then:
 
 - every volume is LEGAL and the daemon serves exactly the chain the
   metadata names;
@@ -33,6 +36,7 @@ from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import flows
 from ovirt_cinder.storage import validate
 from tests.functional import crash_ops
+from tests.functional import faults
 from tests.functional import live_crash_ops
 from tests.qemuio import view_digest
 from tests.qemuio import write_pattern
@@ -125,12 +129,7 @@ def _crash_case(op, nth, name, state, tmp_path_factory):
                    for _, o in outcomes), (where, outcomes)
         _check(pool, ctx, view, before, snaps_before, scratch, where)
         # A retry finishes what the user asked for.
-        try:
-            live_crash_ops.OPS[op](pool, ctx)
-        except errors.SnapshotNotFound:
-            pass    # the deletion was finished by recovery
-        except errors.InvalidOperation:
-            pass    # the snapshot was taken by recovery
+        _retry(pool, ctx, op)
         _check(pool, ctx, view, before, snaps_before, scratch, where)
         assert not [s for s, v in pool.image(ctx["sd"], ctx["img"])
                     .snapshots().items()
@@ -138,6 +137,61 @@ def _crash_case(op, nth, name, state, tmp_path_factory):
         pool.detach(ctx["sd"], ctx["img"])
         view = pool.attach(ctx["sd"], ctx["img"])
         assert digest(view) == before, where
+
+
+@contextlib.contextmanager
+def failing_nth_step(nth, when):
+    """Make the ``nth`` step run (from 1, across flows) raise EIO,
+    ``before`` doing anything or ``after`` doing its work."""
+    real = flows.Step.execute
+    runs = [0]
+
+    def execute(self, ctx, **kwargs):
+        runs[0] += 1
+        if runs[0] != nth:
+            return real(self, ctx, **kwargs)
+        if when == "after":
+            real(self, ctx, **kwargs)
+        raise faults.InjectedFault(f"{when} step {self.name}")
+
+    flows.Step.execute = execute
+    try:
+        yield
+    finally:
+        flows.Step.execute = real
+
+
+@pytest.mark.parametrize("op,when", [
+    (op, when) for op in sorted(live_crash_ops.OPS)
+    for when in ("before", "after")])
+def test_live_fault_matrix(op, when, tmp_path_factory):
+    names = steps_of(op, tmp_path_factory)
+    for nth, name in enumerate(names, 1):
+        work = tmp_path_factory.mktemp("fault")
+        with world(work) as (pool, ctx, view, _workdir):
+            scratch = str(work)
+            before = digest(view)
+            snaps_before = snapshot_digests(pool, ctx, scratch)
+            where = f"{op}: step {nth} ({name}) fails {when} its work"
+            with failing_nth_step(nth, when), \
+                    pytest.raises((faults.InjectedFault,
+                                   errors.OperationIncomplete)):
+                live_crash_ops.OPS[op](pool, ctx)
+            outcomes = pool.recover()
+            assert all(o == flows.states.SUCCESS for _, o in outcomes), \
+                (where, outcomes)
+            _check(pool, ctx, view, before, snaps_before, scratch, where)
+            _retry(pool, ctx, op)
+            _check(pool, ctx, view, before, snaps_before, scratch, where)
+
+
+def _retry(pool, ctx, op):
+    try:
+        live_crash_ops.OPS[op](pool, ctx)
+    except errors.SnapshotNotFound:
+        pass    # the deletion was finished by recovery
+    except errors.InvalidOperation:
+        pass    # the snapshot was taken by recovery
 
 
 def _check(pool, ctx, view, before, snaps_before, scratch, where):
