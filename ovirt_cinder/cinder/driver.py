@@ -385,8 +385,11 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             return self.target_driver.initialize_connection(volume,
                                                             connector)
         if mode == "local":
+            # create_export started the daemon: its view, without a
+            # second attach (lease, chain check, QMP) when it runs.
+            path = self._pool.attached(volume.name_id) or self._view(volume)
             return {"driver_volume_type": "local",
-                    "data": {"device_path": self._view(volume)}}
+                    "data": {"device_path": path}}
         with engine_errors(volume_id=volume.id):
             dom = self._pool.domain(sd_id)
             leaf = self._pool.leaf(sd_id, volume.name_id)

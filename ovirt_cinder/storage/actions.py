@@ -458,26 +458,25 @@ def do_live_snapshot(ctx: Context, sd_id: str, img_id: str,
 
 def do_live_commit(ctx: Context, sd_id: str, img_id: str, top_id: str,
                    base_id: str) -> None:
-    """Commit ``top`` into ``base`` in the daemon (an active commit when
-    ``top`` is the leaf); qemu writes ``base``'s id as the backing name
-    of the volume above ``top``."""
+    """Commit the intermediate layer ``top`` into ``base`` in the daemon
+    (done already when ``top`` is out of its graph); qemu writes
+    ``base``'s id as the backing name of the volume above ``top``."""
     daemon = ctx.daemon(img_id)
-    if daemon is None or top_id not in daemon.chain():
-        if daemon is None:
-            do_commit(ctx, sd_id, img_id, top_id, base_id)
-        return
-    daemon.commit(top_id, base_id, backing_file=base_id)
+    if daemon is None:
+        do_commit(ctx, sd_id, img_id, top_id, base_id)
+    else:
+        daemon.commit(top_id, base_id, backing_file=base_id)
 
 
 def do_live_stream(ctx: Context, sd_id: str, img_id: str, vol_id: str,
                    base_id: str, parent_id: str | None) -> None:
-    """Pull ``base``'s data into its child ``vol_id`` in the daemon;
-    ``vol_id``'s backing becomes ``parent_id``."""
+    """Pull ``base``'s data into its child ``vol_id`` in the daemon (done
+    already when ``base`` is out of its graph); ``vol_id``'s backing
+    becomes ``parent_id``."""
     daemon = ctx.daemon(img_id)
     if daemon is None:
         do_rebase(ctx, sd_id, img_id, vol_id, parent_id, unsafe=False)
-        return
-    if base_id in daemon.chain():
+    else:
         daemon.stream(vol_id, base_id, new_backing=parent_id,
                       backing_file=parent_id)
 

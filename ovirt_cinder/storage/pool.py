@@ -378,8 +378,12 @@ class StoragePool:
         daemon = self.attachments.daemon(img_id)
         return daemon.chain() if daemon is not None else None
 
+    def _serving(self, img_id: str) -> bool:
+        """Whether a daemon here serves ``img_id`` (no QMP call)."""
+        return self.attachments.daemon(img_id) is not None
+
     def _refuse_attached(self, img_id: str, operation: str) -> None:
-        if self.attachments.daemon(img_id) is not None:
+        if self._serving(img_id):
             raise errors.VolumeAttached(img_id=img_id, operation=operation)
 
     @contextlib.contextmanager
@@ -390,7 +394,7 @@ class StoragePool:
         a temporary live snapshot freezes it, merged back afterwards
         (the caller holds the image lease)."""
         tree = self._checked(dom, img_id)
-        if snap_id or self._served_chain(img_id) is None:
+        if snap_id or not self._serving(img_id):
             yield tree.find_snapshot(snap_id) if snap_id else _top(tree)
             return
         temp = validate.new_uuid()
@@ -524,7 +528,7 @@ class StoragePool:
                   snap_description=description.update(
                       leaf.meta.description, **marks),
                   sequence=_next_sequence(tree),
-                  live=self._served_chain(tree.img_id) is not None)
+                  live=self._serving(tree.img_id))
 
     def delete_snapshot(self, sd_id: str, img_id: str,
                         snap_id: str) -> None:
@@ -735,7 +739,7 @@ class StoragePool:
                 self._run(flows.extend, [(dom, img_id)], sd_id=dom.sd_id,
                           img_id=img_id, vol_id=leaf.vol_id,
                           gen=leaf.meta.generation, size=_check_size(size),
-                          live=self._served_chain(img_id) is not None)
+                          live=self._serving(img_id))
             return self.leaf(sd_id, img_id)
 
     def delete_image(self, sd_id: str, img_id: str) -> bool:
