@@ -9,6 +9,9 @@ listed as not safe to manage.
 A manageable snapshot is a frozen volume of a Cinder volume's image whose
 DESCRIPTION names a snapshot id (``{"snap": ...}``) that no Cinder snapshot
 uses; its reference is ``{"source-name": <snapshot id>}``.
+
+``extra_info`` is a dict of strings: Cinder's ``ManageableVolume`` and
+``ManageableSnapshot`` objects refuse anything else.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _image_entry(pool: StoragePool, sd_id: str, img_id: str,
     entry: dict[str, Any] = {
         "reference": {"source-name": img_id}, "size": 0,
         "safe_to_manage": False, "reason_not_safe": None,
-        "cinder_id": used.get(img_id), "extra_info": f"domain={sd_id}"}
+        "cinder_id": used.get(img_id), "extra_info": {"domain": sd_id}}
     try:
         tree = pool.image(sd_id, img_id)
         problems = tree.check()
@@ -85,6 +88,7 @@ def snapshot_entries(pool: StoragePool, volumes: list[tuple[str, str, str]],
                 "safe_to_manage": snap_id not in used,
                 "reason_not_safe": (
                     "already managed" if snap_id in used else None),
-                "cinder_id": None, "extra_info": f"volume={vol.vol_id}",
+                "cinder_id": None,
+                "extra_info": {"domain": sd_id, "volume": vol.vol_id},
                 "source_reference": {"source-id": volume_id}})
     return entries

@@ -127,6 +127,40 @@ def test_manage_unmanage(volume_manager, ctx, storage):
     assert storage.list_images(sd_id) == [img]
 
 
+def test_manageable_listings_build_cinder_objects(volume_manager, ctx,
+                                                  storage):
+    # cinder-api asks with want_objects=True; Cinder's objects check the
+    # field types the driver returns (extra_info must be a dict).
+    mgr, sd_id = volume_manager, storage.master.sd_id
+    img = "0c3b8a52-7f7e-4d55-8f0e-5b0d6a2c9e41"
+    storage.create_volume(sd_id, img, GiB)
+    listed = mgr.get_manageable_volumes(ctx, None, 10, 0, ["size"], ["asc"],
+                                        want_objects=True)
+    assert all(isinstance(e, objects.ManageableVolume) for e in listed)
+    entry = next(e for e in listed if e.reference == {"source-name": img})
+    entry.obj_to_primitive()  # what the RPC reply carries
+    assert entry.safe_to_manage and entry.size == 1
+    assert entry.extra_info == {"domain": sd_id}
+
+    volume = new_volume(ctx, sd_id)
+    mgr.create_volume(ctx, volume)
+    known = objects.Snapshot(ctx, volume_id=volume.id, volume_size=1,
+                             status="creating", user_id=ctx.user_id,
+                             project_id=ctx.project_id)
+    known.create()
+    mgr.create_snapshot(ctx, known)
+    snap_id = "4f1c2e7a-9b1d-4c3e-8a5f-2d6b7c8e9f10"
+    storage.snapshot(sd_id, volume.name_id, snap_id)
+    snaps = mgr.get_manageable_snapshots(ctx, None, 10, 0, ["size"],
+                                         ["asc"], want_objects=True)
+    assert all(isinstance(s, objects.ManageableSnapshot) for s in snaps)
+    [snap] = [s for s in snaps if s.reference == {"source-name": snap_id}]
+    snap.obj_to_primitive()
+    assert snap.safe_to_manage and snap.source_reference == {
+        "source-id": volume.id}
+    assert snap.extra_info["domain"] == sd_id
+
+
 def test_migrate_between_domains(volume_manager, ctx, storage):
     mgr = volume_manager
     sd1 = storage.master.sd_id
