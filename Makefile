@@ -7,7 +7,7 @@ STAMPS := .stamps
 
 VPY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
-LINT_PATHS := $(wildcard ovirt_cinder tests bench)
+LINT_PATHS := $(wildcard ovirt_cinder tests bench tools)
 
 # Test tiers; slower tiers append their directories here.
 TEST_PATHS := tests/unit tests/functional
@@ -76,3 +76,13 @@ VM_TEST_PATHS := tests/vm
 test-vm: deps venv
 	$(PYTHON) tools/vm/build.py
 	$(PYTEST) $(VM_TEST_PATHS)
+
+# A single-host cloud on 127.0.0.1 (tools/cloud/cloud.py): RabbitMQ,
+# MariaDB, Keystone, Glance with our store, Cinder with our driver. State,
+# logs and the openrc under .cloud/.
+.PHONY: cloud cloud-stop
+cloud: deps
+	$(PYTHON) tools/cloud/cloud.py up
+
+cloud-stop:
+	$(PYTHON) tools/cloud/cloud.py down
