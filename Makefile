@@ -80,9 +80,18 @@ test-vm: deps venv
 # A single-host cloud on 127.0.0.1 (tools/cloud/cloud.py): RabbitMQ,
 # MariaDB, Keystone, Glance with our store, Cinder with our driver. State,
 # logs and the openrc under .cloud/.
-.PHONY: cloud cloud-stop
+.PHONY: cloud cloud-stop test-cloud
+CLOUD_PY := .cloud/venv/bin/python
 cloud: deps
 	$(PYTHON) tools/cloud/cloud.py up
 
 cloud-stop:
 	$(PYTHON) tools/cloud/cloud.py down
+
+# The cloud tier: the walkthrough, Tempest's volume API tests with
+# cinder-tempest-plugin, and our API-level tests (tests/cloud), all
+# against `make cloud`. Leaves the cloud running; `make cloud-stop` stops it.
+test-cloud: deps
+	$(PYTHON) tools/cloud/cloud.py up --tempest
+	. .cloud/openrc && $(CLOUD_PY) tools/cloud/walkthrough.py
+	. .cloud/openrc && $(CLOUD_PY) tools/cloud/tempest.py

@@ -487,6 +487,9 @@ def cinder_conf() -> str:
             "osapi_volume_workers": 2,
             "api_paste_config": f"{venv_etc}/api-paste.ini",
             "rootwrap_config": f"{venv_etc}/rootwrap.conf",
+            # Which list filters the API honours (name, status, ...).
+            "resource_query_filters_file":
+                f"{venv_etc}/resource_filters.json",
             "image_conversion_dir": f"{state}/conversion",
             "rpc_response_timeout": 120,
         },
