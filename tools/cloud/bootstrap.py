@@ -2,7 +2,7 @@
 
     bootstrap.py pool <pool uuid> <domain path>...   create or open a pool
     bootstrap.py keystone <password>                  service users, catalog
-    bootstrap.py wait <host@backend>... [--timeout]   cinder-volume is up
+    bootstrap.py wait <binary:host>... [--timeout]    Cinder services up
     bootstrap.py types <backend>...                   one volume type each
 
 Each is idempotent. The OpenStack ones read the admin credentials from the
@@ -80,16 +80,15 @@ def keystone(args: argparse.Namespace) -> None:
 def wait(args: argparse.Namespace) -> None:
     conn = _connect()
     deadline = time.monotonic() + args.timeout
-    wanted = set(args.hosts)
+    wanted = set(args.services)
     while True:
-        up = {s.host for s in conn.block_storage.services(
-            binary="cinder-volume") if s.state == "up"
-            and s.status == "enabled"}
+        up = {f"{s.binary}:{s.host}" for s in conn.block_storage.services()
+              if s.state == "up" and s.status == "enabled"}
         if wanted <= up:
             return
         if time.monotonic() > deadline:
-            sys.exit(f"cinder-volume is not up for {sorted(wanted - up)} "
-                     f"(up: {sorted(up)}); see .cloud/log/cinder-volume.log")
+            sys.exit(f"not up: {sorted(wanted - up)} (up: {sorted(up)}); "
+                     f"see .cloud/log/")
         time.sleep(2)
 
 
@@ -114,7 +113,7 @@ def main() -> None:
     p.add_argument("password")
     p.set_defaults(func=keystone)
     p = sub.add_parser("wait")
-    p.add_argument("hosts", nargs="+")
+    p.add_argument("services", nargs="+")
     p.add_argument("--timeout", type=float, default=180)
     p.set_defaults(func=wait)
     p = sub.add_parser("types")

@@ -6,7 +6,8 @@
     python3 tools/cloud/cloud.py status
 
 RabbitMQ, MariaDB, Keystone, glance-api (our store as the default
-backend), cinder-api, cinder-scheduler and one cinder-volume serving two
+backend), cinder-api, cinder-scheduler, cinder-backup (into a directory)
+and one cinder-volume serving two
 backends of the ovirt-cinder driver: ``ovirt1`` on a pool of two local
 domains (the pool Glance stores images in) and ``ovirt2`` on a pool of
 one, so that Cinder can migrate and retype between backends. Volumes are
@@ -156,9 +157,19 @@ def _stamp(files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_venv(venv: str, requirements: str, editable: bool) -> None:
+def _tree(path: str) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path)
+                  for f in fs if f.endswith((".py", ".toml")))
+
+
+def ensure_venv(venv: str, requirements: str, editable: bool,
+                packages: tuple[str, ...] = ()) -> None:
+    """``venv`` with ``requirements``, this checkout (``editable``) and
+    the local ``packages``; rebuilt when any of their files changed."""
     files = [requirements] + ([os.path.join(TOP, "setup.cfg")]
                               if editable else [])
+    for package in packages:
+        files += _tree(package)
     stamp = os.path.join(venv, ".installed")
     key = _stamp(files)
     if os.path.exists(stamp) and open(stamp).read() == key:
@@ -169,8 +180,8 @@ def ensure_venv(venv: str, requirements: str, editable: bool) -> None:
     run([sys.executable, "-m", "venv", venv])
     pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q"]
     run([*pip, "--upgrade", "pip"])
-    run([*pip, "-r", requirements, *(["-e", TOP] if editable else [])],
-        timeout=1800)
+    run([*pip, "-r", requirements, *(["-e", TOP] if editable else []),
+         *packages], timeout=1800)
     if editable:
         site = run([os.path.join(venv, "bin", "python"), "-c",
                     "import sysconfig; print(sysconfig.get_path('platlib'))"]
@@ -492,6 +503,11 @@ def cinder_conf() -> str:
                 f"{venv_etc}/resource_filters.json",
             "image_conversion_dir": f"{state}/conversion",
             "rpc_response_timeout": 120,
+            # cinder-backup into a directory: backups read and restores
+            # write volumes through the driver's local connections.
+            "backup_driver": "cinder.backup.drivers.posix.PosixBackupDriver",
+            "backup_posix_path": f"{state}/backups",
+            "backup_compression_algorithm": "none",
         },
         "database": {"connection": DB_URL.format("cinder"),
                      "max_pool_size": 20, "max_overflow": 40},
@@ -517,7 +533,8 @@ def cinder_conf() -> str:
     return CINDER_CONF
 
 
-CINDER_SERVICES = ("cinder-api", "cinder-scheduler", "cinder-volume")
+CINDER_SERVICES = ("cinder-api", "cinder-scheduler", "cinder-volume",
+                   "cinder-backup")
 
 
 def start_cinder() -> None:
@@ -577,10 +594,12 @@ def openrc_env() -> dict:
 
 
 def wait_volume_services(timeout: float = 180) -> None:
-    """Until cinder-volume reports both backends up to the scheduler."""
+    """Until cinder-volume reports both backends, and cinder-backup."""
+    host = socket.gethostname()
     run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "wait",
-         *(f"{h}@{b}" for h in [socket.gethostname()] for b in POOLS),
-         "--timeout", str(timeout)], env=openrc_env(), timeout=timeout + 60)
+         *(f"cinder-volume:{host}@{b}" for b in POOLS),
+         f"cinder-backup:{host}", "--timeout", str(timeout)],
+        env=openrc_env(), timeout=timeout + 60)
 
 
 # Commands
@@ -596,7 +615,8 @@ def up(args: argparse.Namespace) -> None:
     if args.tempest:
         ensure_venv(TEMPEST_VENV,
                     os.path.join(HERE, "tempest-requirements.txt"),
-                    editable=False)
+                    editable=False,
+                    packages=(os.path.join(HERE, "tempest-plugin"),))
     start_mysql()
     start_rabbitmq()
     start_keystone()
@@ -613,8 +633,8 @@ def up(args: argparse.Namespace) -> None:
         f"logs in {os.path.relpath(LOG)}")
 
 
-SERVICES = ("cinder-volume", "cinder-scheduler", "cinder-api", "glance",
-            "keystone")
+SERVICES = ("cinder-backup", "cinder-volume", "cinder-scheduler",
+            "cinder-api", "glance", "keystone")
 
 
 def down(args: argparse.Namespace) -> None:

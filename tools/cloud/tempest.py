@@ -7,9 +7,10 @@ the cloud up (``cloud.py up --tempest``). It uploads a small raw image for
 the tests that make volumes from an image, writes a workspace in
 ``.cloud/tempest-work`` whose ``etc/tempest.conf`` describes this cloud
 (two backends of our driver, the features we support, what the driver
-reports as protocol and vendor), and runs ``tempest.api.volume`` and
-cinder-tempest-plugin, minus the tests listed with their reason in
-``tools/cloud/tempest-exclude.txt``.
+reports as protocol and vendor), and runs ``tempest.api.volume``,
+cinder-tempest-plugin and our own plugin (``tools/cloud/tempest-plugin``:
+Tempest's classes that a cloud without Neutron would skip whole), minus
+the tests listed with their reason in ``tools/cloud/tempest-exclude.txt``.
 
 Tests that need a service this cloud lacks skip themselves. Each skipped
 class or test must be listed, with its reason, in
@@ -37,7 +38,8 @@ EXCLUDE = os.path.join(HERE, "tempest-exclude.txt")
 SKIPS = os.path.join(HERE, "tempest-skips.txt")
 SKIPPED = re.compile(r"^(?:\{\d+\} )?(?:setUpClass \()?([\w.]+)\)? "
                      r"(?:\[[^]]*\] )?\.\.\. SKIPPED")
-REGEX = r"^(tempest\.api\.volume|cinder_tempest_plugin\.api)\."
+REGEX = (r"^(tempest\.api\.volume|cinder_tempest_plugin\.api"
+         r"|ovirt_cinder_tempest\.api)\.")
 IMAGE_NAME = "tempest-raw"
 BACKENDS = ("ovirt1", "ovirt2")
 MiB = 1024 * 1024
@@ -93,6 +95,8 @@ def tempest_conf(image_id: str, protocol: str, vendor: str) -> str:
                               "nova": False, "neutron": False,
                               "swift": False, "placement": False},
         "compute": {"image_ref": image_id, "image_ref_alt": image_id},
+        # No servers to reach: no keypairs or security groups either.
+        "validation": {"run_validation": False},
         "image": {"disk_formats": "raw,qcow2"},
         "volume": {
             "backend_names": ",".join(BACKENDS),
@@ -107,7 +111,7 @@ def tempest_conf(image_id: str, protocol: str, vendor: str) -> str:
             "manage_snapshot_ref": "source-name,%s",
         },
         "volume-feature-enabled": {
-            "multi_backend": True, "backup": False, "snapshot": True,
+            "multi_backend": True, "backup": True, "snapshot": True,
             "clone": True, "manage_volume": True, "manage_snapshot": True,
             "volume_revert": True, "extend_attached_volume": False,
             "consistency_group": False, "api_extensions": "all",
