@@ -8,7 +8,8 @@
 # each of OVIRT_CINDER_DOMAIN_PATHS, adds a Cinder backend section
 # (OVIRT_CINDER_BACKEND_NAME, ovirt1 by default) using the ovirt-cinder
 # volume driver, appends it to enabled_backends, and creates a volume type
-# of the same name.
+# of the same name. OVIRT_CINDER_ENABLE_GLANCE_STORE=True makes the pool
+# Glance's default store too (the same options as `make cloud`).
 
 _XTRACE_OVIRT_CINDER=$(set +o | grep xtrace)
 set -o xtrace
@@ -91,6 +92,23 @@ function configure_ovirt_cinder_backend {
     fi
 }
 
+# Glance keeps images as templates of the backend's pool (the default
+# store), and shows their locations so that Cinder takes the O(1) path.
+function configure_ovirt_cinder_glance_store {
+    local enabled
+    enabled=$(iniget "$GLANCE_API_CONF" DEFAULT enabled_backends)
+    if [[ ",$enabled," != *",ovirt:ovirt,"* ]]; then
+        iniset "$GLANCE_API_CONF" DEFAULT enabled_backends \
+            "ovirt:ovirt${enabled:+,$enabled}"
+    fi
+    iniset "$GLANCE_API_CONF" glance_store default_backend ovirt
+    iniset "$GLANCE_API_CONF" DEFAULT show_image_direct_url True
+    iniset "$GLANCE_API_CONF" ovirt ovirt_pool_uuid "$OVIRT_CINDER_POOL_UUID"
+    iniset "$GLANCE_API_CONF" ovirt ovirt_domain_paths \
+        "$OVIRT_CINDER_DOMAIN_PATHS"
+    iniset "$GLANCE_API_CONF" ovirt ovirt_lock_path "$OVIRT_CINDER_LOCK_PATH"
+}
+
 function create_ovirt_cinder_volume_type {
     local name=$OVIRT_CINDER_BACKEND_NAME
     local os=(openstack --os-cloud devstack-admin
@@ -110,6 +128,10 @@ elif [[ "$1" == "stack" && "$2" == "post-config" ]]; then
         echo_summary "Configuring the ovirt-cinder backend"
         init_ovirt_cinder_pool
         configure_ovirt_cinder_backend
+        if [[ "$OVIRT_CINDER_ENABLE_GLANCE_STORE" == "True" ]] \
+                && is_service_enabled g-api; then
+            configure_ovirt_cinder_glance_store
+        fi
     fi
 elif [[ "$1" == "stack" && "$2" == "extra" ]]; then
     if [[ "$OVIRT_CINDER_ENABLE_BACKEND" == "True" ]] \
