@@ -133,17 +133,25 @@ class Walk:
         return storage(backend, "image", "show", sd_id, img)
 
     def download_check(self, volume_id: str, want: str, size: int,
-                       name: str) -> None:
-        """Upload the volume to Glance, download it, compare bytes."""
+                       name: str, fmt: str = "raw") -> None:
+        """Upload the volume to Glance as ``fmt``, download it, compare
+        its guest bytes with ``want``."""
         up = osc("image", "create", "--volume", volume_id,
-                 "--disk-format", "raw", "--container-format", "bare", name)
+                 "--disk-format", fmt, "--container-format", "bare", name)
         image_id = up["image_id"]
         self.images.append(image_id)
         wait("image", image_id, "status", "active")
         wait("volume", volume_id, "status", "available")
-        out = os.path.join(self.tmp, f"{name}.raw")
+        out = os.path.join(self.tmp, f"{name}.{fmt}")
         osc("image", "save", "--file", out, image_id, parse=False)
+        if fmt != "raw":
+            raw = os.path.join(self.tmp, f"{name}.raw")
+            sh("qemu-img", "convert", "-f", fmt, "-O", "raw", out, raw,
+               parse=False)
+            os.unlink(out)
+            out = raw
         got = sha256(out, size)
+        os.unlink(out)
         if got != want:
             raise WalkFailed(f"{name}: downloaded bytes differ")
         print(f"# {name}: the first {size // MiB} MiB are the image's")
@@ -225,8 +233,10 @@ class Walk:
 
         print("# Upload volumes back to Glance and compare the bytes")
         self.download_check(v1["id"], want, size, "walk-v1-up")
-        self.download_check(managed["id"], want, size, "walk-managed-up")
-        self.download_check(clone["id"], want, size, "walk-clone-up")
+        self.download_check(managed["id"], want, size, "walk-managed-up",
+                            fmt="qcow2")
+        self.download_check(clone["id"], want, size, "walk-clone-up",
+                            fmt="qcow2")
 
     def cleanup(self) -> None:
         print("# Cleaning up")
