@@ -44,8 +44,10 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+from cinder import context as cinder_context
 from cinder import exception
 from cinder import interface
+from cinder import objects
 from cinder.common import constants
 from cinder.image import image_utils
 from cinder.volume import driver
@@ -369,7 +371,17 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         return update
 
     def remove_export(self, context: Any, volume: Any) -> None:
-        if self._export_mode(self._sd_id(volume)) == "iscsi":
+        try:
+            sd_id = self._sd_id(volume)
+        except exception.VolumeNotFound:
+            # Its image is gone: nothing to serve, and delete_volume must
+            # still run (it treats a missing image as deleted).
+            LOG.warning("Volume %s has no image %s; removing only its "
+                        "target", volume.id, volume.name_id)
+            if self.configuration.ovirt_export_protocol == "iscsi":
+                self.target_driver.remove_export(context, volume)
+            return
+        if self._export_mode(sd_id) == "iscsi":
             self.target_driver.remove_export(context, volume)
         self._detach(volume)
 
@@ -555,11 +567,34 @@ class OvirtVolumeDriver(driver.VolumeDriver):
 
     # Manage
 
+    def _cinder_volumes(self) -> list:
+        """Cinder's volumes of this backend (its cluster, else its host),
+        as VolumeManager._get_my_volumes finds them."""
+        filters = ({"cluster_name": self.cluster_name} if self.cluster_name
+                   else {"host": self.host})
+        return list(objects.VolumeList.get_all(
+            cinder_context.get_admin_context(), filters=filters))
+
+    @staticmethod
+    def _cinder_snapshots(volume_id: str) -> list:
+        """Cinder's snapshots of a volume."""
+        return list(objects.SnapshotList.get_all_for_volume(
+            cinder_context.get_admin_context(), volume_id))
+
     def _managed_image(self, volume: Any, existing_ref: dict) -> tuple:
         img_id = existing_ref.get("source-name") or existing_ref.get(
             "source-id")
         try:
             img_id = validate.check_uuid(img_id, "image id")
+            owner = next((v.id for v in self._cinder_volumes()
+                          if v.name_id == img_id and v.id != volume.id),
+                         None)
+            if owner is not None:
+                # Two volumes on one image: deleting either destroys the
+                # other's data.
+                raise errors.InvalidOperation(
+                    operation="manage",
+                    reason=f"image is volume {owner}'s already")
             sd_id = self._target_sd_id(volume)
             tree = self._pool.image(sd_id, img_id)
             if tree.template() is not None:
@@ -604,6 +639,13 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         volume = snapshot.volume
         try:
             snap_id = validate.check_uuid(snap_id, "snapshot id")
+            owner = next((s.id for s in self._cinder_snapshots(volume.id)
+                          if self._snap_id(s) == snap_id
+                          and s.id != snapshot.id), None)
+            if owner is not None:
+                raise errors.InvalidOperation(
+                    operation="manage",
+                    reason=f"it is snapshot {owner} already")
             sd_id = self._sd_id(volume)
             vol = self._pool.image(sd_id, volume.name_id).find_snapshot(
                 snap_id)
@@ -631,10 +673,12 @@ class OvirtVolumeDriver(driver.VolumeDriver):
                                  sort_dirs: list) -> list[dict]:
         used = {self._snap_id(s) for s in cinder_snapshots}
         volumes = []
-        for snap in cinder_snapshots:
+        # Every volume of the backend: an unmanaged snapshot may be the
+        # only one its volume had.
+        for volume in self._cinder_volumes():
             try:
-                volumes.append((snap.volume.id, self._sd_id(snap.volume),
-                                snap.volume.name_id))
+                volumes.append((volume.id, self._sd_id(volume),
+                                volume.name_id))
             except exception.VolumeNotFound:
                 continue
         entries = manageable.snapshot_entries(

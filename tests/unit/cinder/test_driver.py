@@ -186,6 +186,16 @@ def test_delete_volume(drv, created):
     drv.delete_volume(created)  # already gone
 
 
+def test_delete_volume_whose_image_is_gone(drv, ctx, storage, sd1,
+                                          created):
+    # Cinder calls remove_export before delete_volume: neither may fail
+    # for a volume whose image someone removed, or it is undeletable.
+    storage.delete_image(sd1, created.name_id)
+    drv.remove_export(ctx, created)
+    drv.delete_volume(created)
+    assert storage.list_images(sd1) == []
+
+
 def test_delete_volume_with_snapshot_is_busy(drv, ctx, created):
     drv.create_snapshot(new_snapshot(ctx, created))
     with pytest.raises(exception.VolumeIsBusy):
@@ -662,7 +672,27 @@ def test_parse_location():
 
 # Manage
 
-def test_manage_existing(drv, ctx, storage, sd1):
+
+class CinderDB:
+    """What Cinder's database holds for the driver's lookups (the unit
+    tests have no database): volumes of the backend, snapshots by
+    volume."""
+
+    def __init__(self):
+        self.volumes = []
+        self.snapshots = {}
+
+
+@pytest.fixture
+def cinder_db(drv, monkeypatch):
+    db = CinderDB()
+    monkeypatch.setattr(drv, "_cinder_volumes", lambda: list(db.volumes))
+    monkeypatch.setattr(drv, "_cinder_snapshots",
+                        lambda vid: list(db.snapshots.get(vid, [])))
+    return db
+
+
+def test_manage_existing(drv, ctx, storage, sd1, cinder_db):
     img = uid()
     vol = storage.create_volume(sd1, img, GiB + MiB)
     qemuio.write_pattern(vol.path, vol.qemu_format, 0, MiB, 0x61)
@@ -685,25 +715,54 @@ def test_manage_existing(drv, ctx, storage, sd1):
     assert storage.list_images(sd1) == [img]
 
 
+def test_manage_existing_refuses_an_image_in_use(drv, ctx, storage, sd1,
+                                                 cinder_db):
+    # Two volumes on one image: deleting either would destroy the other's
+    # data.
+    img = uid()
+    storage.create_volume(sd1, img, GiB)
+    owner = new_volume(ctx, sd1)
+    owner.update({"_name_id": img})
+    cinder_db.volumes = [owner]
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match=owner.id):
+        drv.manage_existing_get_size(new_volume(ctx, sd1),
+                                     {"source-name": img})
+    # The owner itself (a retried manage) is not refused.
+    assert drv.manage_existing_get_size(owner, {"source-name": img}) == 1
+
+
 @pytest.mark.parametrize("ref", [{"source-name": "nope"},
                                  {"source-name": str(uuid.uuid4())}])
-def test_manage_existing_bad_reference(drv, ctx, sd1, ref):
+def test_manage_existing_bad_reference(drv, ctx, sd1, ref, cinder_db):
     with pytest.raises(exception.ManageExistingInvalidReference):
         drv.manage_existing_get_size(new_volume(ctx, sd1), ref)
 
 
-def test_manage_existing_snapshot(drv, ctx, storage, sd1, created):
+def test_manage_existing_snapshot(drv, ctx, storage, sd1, created,
+                                  cinder_db):
     snap_id = uid()
     storage.snapshot(sd1, created.name_id, snap_id)
-    listed = drv.get_manageable_snapshots(
+    assert drv.get_manageable_snapshots(
+        [], None, 10, 0, ["size"], ["asc"]) == []
+    # Listed once Cinder has the volume, though not one of its snapshots.
+    cinder_db.volumes = [created]
+    [entry] = drv.get_manageable_snapshots(
         [], None, 10, 0, ["size"], ["asc"])
-    assert listed == []
+    assert entry["reference"] == {"source-name": snap_id}
+    assert entry["safe_to_manage"] is True
+    assert entry["source_reference"] == {"source-id": created.id}
     snap = new_snapshot(ctx, created)
     ref = {"source-name": snap_id}
     assert drv.manage_existing_snapshot_get_size(snap, ref) == 1
     update = drv.manage_existing_snapshot(snap, ref)
     assert update == {"provider_location": snap_id}
     snap.update(update)
+    # A second Cinder snapshot on the same storage snapshot is refused.
+    cinder_db.snapshots[created.id] = [snap]
+    with pytest.raises(exception.ManageExistingInvalidReference,
+                       match=snap.id):
+        drv.manage_existing_snapshot(new_snapshot(ctx, created), ref)
     drv.unmanage_snapshot(snap)
     drv.delete_snapshot(snap)
     assert storage.image(sd1, created.name_id).snapshots() == {}
