@@ -95,3 +95,4 @@ test-cloud: deps
 	$(PYTHON) tools/cloud/cloud.py up --tempest
 	. .cloud/openrc && $(CLOUD_PY) tools/cloud/walkthrough.py
 	. .cloud/openrc && $(CLOUD_PY) tools/cloud/tempest.py
+	. .cloud/openrc && $(CLOUD_PY) -m pytest -q -p no:cacheprovider tests/cloud
