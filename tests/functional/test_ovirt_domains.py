@@ -422,7 +422,8 @@ def cinder_driver(tmp_path):
 
 
 def test_cinder_manages_a_volume_of_an_attached_domain(mount, ovirt_dir,
-                                                       cinder_driver):
+                                                       cinder_driver,
+                                                       monkeypatch):
     from cinder import context as cinder_context
     from cinder.tests.unit import fake_volume
 
@@ -430,6 +431,8 @@ def test_cinder_manages_a_volume_of_an_attached_domain(mount, ovirt_dir,
     dom, entry = attach(pool, ovirt_dir, "v4")
     pool.upgrade_domain(dom.sd_id)
     drv = cinder_driver([mount, dom.mount], pool.pool_id)
+    # No Cinder database here: Cinder has no volumes yet.
+    monkeypatch.setattr(drv, "_cinder_volumes", lambda: [])
     img_id, base, top = _first_chain(entry)
     vid = uid()
     volume = fake_volume.fake_volume_obj(
