@@ -134,7 +134,11 @@ def main() -> int:
     if not os.path.exists(TEMPEST):
         sys.exit("no Tempest: run tools/cloud/cloud.py up --tempest")
     if not os.path.isdir(WORK):
-        subprocess.run([TEMPEST, "init", WORK], check=True)
+        # Registered in a workspace file of the cloud's own, not the
+        # user's ~/.tempest (where another checkout's name may be taken).
+        subprocess.run([TEMPEST, "init", "--workspace-path",
+                        os.path.join(STATE, "tempest-workspace.yaml"),
+                        "--name", "ovirt-cinder-cloud", WORK], check=True)
     conf = tempest_conf(test_image(), *backend_capabilities())
     with open(os.path.join(WORK, "etc", "tempest.conf"), "w") as f:
         f.write(conf)
