@@ -23,10 +23,13 @@ checkout installed editable) and ``.cloud/tempest`` (Tempest). Debian
 packages (the ``cloud`` profile of bindep.txt) are installed with apt-get
 with their services held, so nothing starts outside ``.cloud``.
 
-``up`` is idempotent: what runs is left running, what is configured is
-kept. ``down`` stops every process ``up`` started and leaves the state for
-the next ``up``; ``down --purge`` removes it too. Needs root (apt-get,
-MariaDB and RabbitMQ run as root here, Cinder's privsep runs in-process).
+``up`` is idempotent: what runs is left running, databases, keys and
+pools once made are kept, and the configuration files are written again
+(a running service keeps what it started with: ``down``, then ``up``, to
+apply a change). ``down`` stops every process ``up`` started and leaves
+the state for the next ``up``; ``down --purge`` removes it too. Needs
+root (apt-get; MariaDB, RabbitMQ and Cinder's privsep helpers run as root
+here, with no sudo or rootwrap).
 Only the standard library: the venvs do not exist when it starts.
 """
 
