@@ -5,8 +5,9 @@ its clients find each other through ``SANLOCK_RUN_DIR``, so it never
 touches ``/run/sanlock`` and a second daemon on the same machine is a
 second host), running as root (pytest's tmp files are not readable by the
 ``sanlock`` user), in the foreground (``-D``), logging to a file only.
-The daemon needs :file:`preload_shim.c` (built with gcc into tmp) because
-the machine drops CAP_SYS_RESOURCE.
+The daemon needs :file:`tools/sanlock/preload_shim.c` (built with gcc
+into tmp) because the machine drops CAP_SYS_RESOURCE; ``make cloud`` runs
+its two sanlock daemons with it too.
 
 ``start()`` waits until ``sanlock client status`` answers; ``stop()``
 terminates the daemon's process group, then kills it; ``crash()`` kills
@@ -20,8 +21,9 @@ import signal
 import subprocess
 import time
 
-DIR = os.path.dirname(os.path.abspath(__file__))
-SHIM_SOURCE = os.path.join(DIR, "preload_shim.c")
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+SHIM_SOURCE = os.path.join(TOP, "tools", "sanlock", "preload_shim.c")
 
 
 def build_shim(workdir: str) -> str:
