@@ -510,10 +510,21 @@ def do_import(ctx: Context, sd_id: str, img_id: str, vol_id: str, src: str,
     if meta.legality != sc.Legality.ILLEGAL:
         raise errors.InvalidOperation(
             operation="import", reason=f"target {vol_id} is not ILLEGAL")
+    prealloc = _PREALLOC.get((meta.format, meta.type))
     fileutil.remove_file(dst)
     qemuimg.convert(src, dst, src_fmt=src_fmt, dst_fmt=meta.format.qemu,
-                    preallocation=_PREALLOC.get((meta.format, meta.type)),
-                    progress=ctx.on_progress)
+                    preallocation=prealloc, progress=ctx.on_progress)
+    # The copy has the source's size; the volume has its own capacity
+    # (a small image fills the start of a larger volume).
+    size = qemuimg.info(dst, meta.format.qemu).virtual_size
+    if size > meta.capacity:
+        raise errors.InvalidParameter(
+            name="src", value=src,
+            reason=f"virtual size {size} exceeds the volume's capacity "
+                   f"{meta.capacity}")
+    if size < meta.capacity:
+        qemuimg.resize(dst, meta.capacity, fmt=meta.format.qemu,
+                       preallocation=prealloc)
     dom.own_file(dst)
 
 

@@ -319,3 +319,37 @@ def test_export_volume(pool, sd_id, tmp_path):
     assert info.backing_filename is None
     for i in range(3):
         qemuio.verify_pattern(dst, "qcow2", i * MiB, MiB, 0x10 + i)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("prealloc", [sc.Preallocation.SPARSE,
+                                      sc.Preallocation.PREALLOCATED],
+                         ids=lambda p: p.name)
+def test_import_smaller_image_fills_whole_capacity(pool, sd_id, tmp_path,
+                                                   fmt, prealloc):
+    """A 2 MiB image imported into a 16 MiB volume: the volume is 16 MiB
+    (its capacity, not the image's size), the image's bytes at its start,
+    zeros after."""
+    src = str(tmp_path / "small.raw")
+    qemuimg.create(src, "raw", 2 * MiB)
+    qemuio.write_pattern(src, "raw", 0, 2 * MiB, 0x5A)
+    img = uid()
+    vol = pool.import_volume(sd_id, img, src, "raw", SIZE, fmt=fmt,
+                             prealloc=prealloc)
+    assert vol.meta.capacity == SIZE
+    assert qemuimg.info(vol.path, vol.qemu_format).virtual_size == SIZE
+    verify(vol, 0, 0x5A, 2 * MiB)
+    qemuio.verify_zero(vol.path, vol.qemu_format, 2 * MiB, SIZE - 2 * MiB)
+    assert pool.image(sd_id, img).check() == []
+
+
+def test_import_larger_image_refused(pool, sd_id, tmp_path):
+    """An image larger than the volume's capacity is refused and the
+    flow leaves nothing behind."""
+    src = str(tmp_path / "big.raw")
+    qemuimg.create(src, "raw", 2 * SIZE)
+    img = uid()
+    with pytest.raises(errors.InvalidParameter, match="exceeds"):
+        pool.import_volume(sd_id, img, src, "raw", SIZE)
+    assert not pool.domain(sd_id).has_image(img)
+    assert leftovers(pool.domain(sd_id).path) == []
