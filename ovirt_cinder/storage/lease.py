@@ -30,7 +30,9 @@ Two implementations of the domain lease share the interface:
     Multi-host; :mod:`sanlock_lease`.
 
 Every wait is bounded by ``lease_timeout`` (then :class:`errors.
-LeaseTimeout`, which callers may retry). Waits poll with short sleeps
+LeaseTimeout`, which callers may retry); an image lease may be asked for
+with a shorter ``timeout`` (a periodic recovery pass that should not wait
+behind a running flow). Waits poll with short sleeps
 instead of blocking in the kernel, and blocking C calls go through
 :func:`offload`, so in an eventlet service (cinder-volume, glance-api) a
 lease wait never stalls the hub.
@@ -201,34 +203,51 @@ class LeaseManager(abc.ABC):
         return owner.get("host") == socket.gethostname()
 
     @contextlib.contextmanager
-    def image_lease(self, domain, img_id: str) -> Iterator[None]:
-        """Hold the image lease of ``img_id`` in ``domain``."""
+    def image_lease(self, domain, img_id: str, *,
+                    timeout: float | None = None) -> Iterator[None]:
+        """Hold the image lease of ``img_id`` in ``domain``.
+
+        ``timeout``: the longest wait, in seconds, for this process's
+        other threads and the host's other processes to release it (then
+        :class:`errors.LeaseTimeout`); None: ``lease_timeout``.
+        """
+        if timeout is None:
+            timeout = self.lease_timeout
         path = os.path.join(self.lock_path, f"{domain.sd_id}.{img_id}.lock")
         with self._held(image_lock(domain.sd_id, img_id),
-                        lambda: self._host_lock(path)):
+                        lambda: self._host_lock(path, timeout),
+                        timeout=timeout):
             yield
 
     @contextlib.contextmanager
-    def image_leases(self, images: Iterable[tuple[Any, str]]
-                     ) -> Iterator[None]:
-        """Hold several image leases, taken in the fixed lock order."""
+    def image_leases(self, images: Iterable[tuple[Any, str]], *,
+                     timeout: float | None = None) -> Iterator[None]:
+        """Hold several image leases, taken in the fixed lock order;
+        ``timeout`` bounds the wait for each (see :meth:`image_lease`)."""
         with contextlib.ExitStack() as stack:
             for dom, img_id in sorted(set(images),
                                       key=lambda i: (i[0].sd_id, i[1])):
-                stack.enter_context(self.image_lease(dom, img_id))
+                stack.enter_context(self.image_lease(dom, img_id,
+                                                     timeout=timeout))
             yield
 
-    def _host_lock(self, path: str) -> contextlib.AbstractContextManager:
+    def _host_lock(self, path: str, timeout: float | None = None
+                   ) -> contextlib.AbstractContextManager:
         os.makedirs(os.path.dirname(path), mode=0o775, exist_ok=True)
-        return flocked(path, self.lease_timeout, create=True)
+        return flocked(path,
+                       self.lease_timeout if timeout is None else timeout,
+                       create=True)
 
     @contextlib.contextmanager
     def _held(self, lock_name: str,
-              outer: Callable[[], contextlib.AbstractContextManager]
-              ) -> Iterator[None]:
+              outer: Callable[[], contextlib.AbstractContextManager], *,
+              timeout: float | None = None) -> Iterator[None]:
         """The in-process lock ``lock_name`` (re-entrant in a thread); the
-        outermost holder also enters ``outer()`` (flock, sanlock)."""
-        with locked([lock_name], timeout=self.lease_timeout):
+        outermost holder also enters ``outer()`` (flock, sanlock). The
+        wait for the in-process lock is bounded by ``timeout`` (None:
+        ``lease_timeout``)."""
+        with locked([lock_name], timeout=self.lease_timeout
+                    if timeout is None else timeout):
             depth = self._depth.get(lock_name, 0)
             self._depth[lock_name] = depth + 1
             try:

@@ -59,6 +59,10 @@ FLOWS_DIR = os.path.join("ovirt-cinder", "flows")
 
 Images = Iterable[tuple[sd.FileDomain, str]]
 
+# Recovery outcomes that leave a book for a later pass, nothing done.
+_WAITING = frozenset({flows.BUSY, flows.SKIPPED})
+_LIVE_OWNER = "owned by live host"
+
 
 class StoragePool:
     """A pool of file domains, with the operations of the engine."""
@@ -82,6 +86,8 @@ class StoragePool:
         self._flow_connection = flow_connection
         self._listeners = list(listeners)
         self._runner: flows.FlowRunner | None = None
+        # The outcome of each book in the last recover() pass.
+        self._last_outcomes: dict[str, str] = {}
         # The daemons serving this host's attached images.
         self.attachments = attach.Attachments(run_path)
         self.context = actions.Context(domains=self.domains,
@@ -275,7 +281,8 @@ class StoragePool:
             raise problems[0]
         return tree
 
-    def recover(self) -> list[tuple[str, str]]:
+    def recover(self, lease_timeout: float | None = None
+                ) -> list[tuple[str, str]]:
         """Finish, or go on reverting, every unfinished flow this host may
         run; return (name, outcome) for each book seen.
 
@@ -287,24 +294,52 @@ class StoragePool:
         runs only once sanlock declares that host dead, and a flow naming
         host-local files only on its own host. A recovery that fails
         keeps its book (``FAILED``).
+
+        ``lease_timeout`` bounds the wait for each flow's image leases
+        (None: the lease manager's ``lease_timeout``). A flow that this
+        process, or another process of this host, is running right now
+        holds them, so its book comes back ``BUSY`` once the wait ends: a
+        periodic pass (the Cinder driver's) gives a short one and tries
+        again next time instead of waiting a full lease timeout behind
+        every running flow. A ``BUSY`` or ``SKIPPED`` outcome that only
+        repeats the previous pass's for the same book is logged at DEBUG.
         """
         done = []
+        outcomes: dict[str, str] = {}
         for pending in list(self.runner.unfinished()):
-            outcome = self._recover_one(pending)
-            LOG.info("Recovery of flow %s (%s): %s", pending.name,
-                     pending.book_id, outcome)
+            before = self._last_outcomes.get(pending.book_id)
+            outcome = self._recover_one(pending, lease_timeout,
+                                        before=before)
+            outcomes[pending.book_id] = outcome
+            repeated = outcome == before and outcome in _WAITING
+            LOG.log(logging.DEBUG if repeated else logging.INFO,
+                    "Recovery of flow %s (%s): %s", pending.name,
+                    pending.book_id, outcome)
             done.append((pending.name, outcome))
+        self._last_outcomes = outcomes
         return done
 
-    def _recover_one(self, pending: flows.Pending) -> str:
+    def _recover_one(self, pending: flows.Pending,
+                     lease_timeout: float | None = None, *,
+                     before: str | None = None) -> str:
         reason = self._refusal(pending)
         if reason:
-            LOG.warning("Not recovering flow %s (%s): %s", pending.name,
-                        pending.book_id, reason)
-            return "UNTRUSTED" if pending.problem else flows.SKIPPED
+            outcome = "UNTRUSTED" if pending.problem else flows.SKIPPED
+            # An untrusted book is worth a warning each time; a live
+            # host's running flow (active-active) is no news at all.
+            if outcome == before == flows.SKIPPED:
+                level = logging.DEBUG
+            elif reason.startswith(_LIVE_OWNER):
+                level = logging.INFO
+            else:
+                level = logging.WARNING
+            LOG.log(level, "Not recovering flow %s (%s): %s", pending.name,
+                    pending.book_id, reason)
+            return outcome
         images = [(self.domains[s], i) for s, i in pending.images]
         try:
-            with self.lease_manager.image_leases(images):
+            with self.lease_manager.image_leases(images,
+                                                 timeout=lease_timeout):
                 # The owner may have finished while we waited for it.
                 current = self.runner.load(pending.book_id)
                 if current is None:
@@ -322,7 +357,7 @@ class StoragePool:
             return f"names domains this host does not have: {unknown}"
         owner = pending.owner
         if not self.lease_manager.owner_gone(self.master, owner):
-            return f"owned by live host {owner}"
+            return f"{_LIVE_OWNER} {owner}"
         if (pending.name in flows.HOST_LOCAL
                 and owner.get("host") != socket.gethostname()):
             return f"its files are on host {owner.get('host')}"

@@ -6,6 +6,7 @@ around metadata changes, so a long copy does not hold them; every wait is
 bounded; in an eventlet process a wait never stalls the hub.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -117,6 +118,71 @@ def test_image_lease_is_reentrant(leases, pool):
             pass
         with leases.image_leases([(dom, img), (dom, str(uuid.uuid4()))]):
             pass
+
+
+@contextlib.contextmanager
+def image_lease_held(holder, leases, dom, img, lock_path):
+    """``img``'s image lease held by another thread of this process (the
+    in-process lock) or by another process of the host (the flock)."""
+    if holder == "process":
+        child = hold_in_child(f"""
+            import time
+            from ovirt_cinder.storage import lease
+            mgr = lease.LocalLeaseManager(lock_path={lock_path!r})
+
+            class Dom:
+                sd_id = {dom.sd_id!r}
+
+            ctx = mgr.image_lease(Dom(), {img!r})
+            ctx.__enter__()
+        """)
+        try:
+            yield
+        finally:
+            stop(child)
+        return
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with leases.image_lease(dom, img):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("holder", ["thread", "process"])
+def test_image_lease_timeout_bounds_one_wait(leases, pool, tmp_path,
+                                             holder):
+    """``timeout`` replaces lease_timeout for one image lease request."""
+    dom = pool.master
+    img = str(uuid.uuid4())
+    leases.lease_timeout = 60
+    with image_lease_held(holder, leases, dom, img,
+                          str(tmp_path / "locks")):
+        start = time.monotonic()
+        with pytest.raises(errors.LeaseTimeout) as e:
+            with leases.image_leases([(dom, img)], timeout=0.2):
+                pass
+        waited = time.monotonic() - start
+        assert 0.15 <= waited < 10
+        assert e.value.timeout == 0.2
+        # Without one, lease_timeout still applies.
+        leases.lease_timeout = 0.3
+        start = time.monotonic()
+        with pytest.raises(errors.LeaseTimeout):
+            with leases.image_lease(dom, img):
+                pass
+        assert time.monotonic() - start >= 0.25
+    with leases.image_lease(dom, img, timeout=0.2):
+        pass
 
 
 def test_domain_lease_times_out_while_another_process_holds_it(pool):

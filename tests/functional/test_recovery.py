@@ -9,7 +9,10 @@ quarantine a torn book without blocking the others.
 """
 
 import json
+import logging
 import os
+import threading
+import time
 import uuid
 
 import pytest
@@ -133,6 +136,46 @@ def test_another_hosts_flow_is_not_taken_over(world):
     tamper(pool, book_id, owner={"host": "elsewhere", "host_id": None})
     assert pool.recover() == [("snapshot", "SKIPPED")]
     assert len(list(pool.runner.unfinished())) == 1
+
+
+def test_a_short_lease_timeout_leaves_a_running_flow_busy(world, caplog):
+    """A periodic pass (the Cinder driver's) gives recover() a short lease
+    timeout: a book whose images a flow of this process still holds
+    comes back BUSY at once, not after lease_timeout, and a later pass
+    finishes it. A repeated BUSY is not logged at INFO again."""
+    book_id = leave_snapshot(world)
+    pool = open_pool(world, lease_manager=lease.LocalLeaseManager(
+        lease_timeout=60, lock_path=world["locks"]))
+    dom = pool.domain(world["sd"])
+    held, release = threading.Event(), threading.Event()
+
+    def running_flow():
+        with pool.lease_manager.image_lease(dom, world["img"]):
+            held.set()
+            release.wait(30)
+
+    flow = threading.Thread(target=running_flow)
+    flow.start()
+    try:
+        assert held.wait(10)
+        with caplog.at_level(logging.DEBUG, logger="ovirt_cinder"):
+            for _ in range(2):
+                start = time.monotonic()
+                assert pool.recover(lease_timeout=0.1) == [("snapshot",
+                                                            "BUSY")]
+                assert time.monotonic() - start < 10
+    finally:
+        release.set()
+        flow.join()
+    levels = [r.levelno for r in caplog.records
+              if r.getMessage().startswith("Recovery of flow")]
+    assert levels == [logging.INFO, logging.DEBUG]
+    pending, = pool.runner.unfinished()
+    assert pending.book_id == book_id
+    assert pool.recover(lease_timeout=0.1) == [("snapshot", "SUCCESS")]
+    assert list(pool.runner.unfinished()) == []
+    assert len(pool.image(world["sd"], world["img"]).snapshots()) == 1
+    assert fsck.check(pool).clean
 
 
 def test_host_local_paths_are_recovered_only_by_their_host(world,
