@@ -34,6 +34,16 @@ downloads to ``image_conversion_dir``, inspects the untrusted bytes
 (:func:`ovirt_cinder.storage.inspect.inspect_untrusted`) and imports them;
 ``copy_volume_to_image`` exports a self-contained copy of the chain and
 uploads it with Cinder's ``image_utils.upload_volume``.
+
+Active-active (``SUPPORTS_ACTIVE_ACTIVE``): several cinder-volume services
+of one Cinder ``cluster`` may serve the pool, each with the same backend
+section, sharing the logbook; across hosts they need the ``sanlock`` lease
+backend. Besides the recovery when it starts, each service runs one every
+``ovirt_recovery_interval`` seconds (:meth:`OvirtVolumeDriver.
+_recover_pending`), which finishes the flows its own host left and, once
+sanlock declares another host dead, that host's. Attached volumes' daemons
+are host-local (``ovirt_run_path``): see "Active-active" in
+``doc/source/admin/cinder.rst`` for what that asks of a cluster.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from cinder.volume import driver
 from cinder.volume import volume_utils
 from cinder.volume.targets import tgt as tgt_target
 from oslo_config import cfg
+from oslo_service import loopingcall
 from oslo_utils import excutils
 from oslo_utils import importutils
 
@@ -65,6 +76,7 @@ from ovirt_cinder.storage import config
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import flows
 from ovirt_cinder.storage import inspect
 from ovirt_cinder.storage import validate
 from ovirt_cinder.storage.pool import StoragePool
@@ -80,6 +92,10 @@ LOCATION_SCHEME = "ovirt"
 _FORMATS = {"raw": sc.VolumeFormat.RAW, "qcow2": sc.VolumeFormat.COW}
 _ALLOCATIONS = {"sparse": sc.Preallocation.SPARSE,
                 "preallocated": sc.Preallocation.PREALLOCATED}
+# How long a periodic recovery pass waits for the image leases of one
+# unfinished flow: a flow running on this host holds them, and is left
+# to finish (BUSY) rather than waited for (ovirt_lease_timeout, 60 s).
+RECOVERY_LEASE_TIMEOUT = 1.0
 
 
 def parse_location(url: str) -> tuple[str, str, str, str] | None:
@@ -107,11 +123,20 @@ class OvirtVolumeDriver(driver.VolumeDriver):
 
     VERSION = "1.0.0"
     CI_WIKI_NAME = "oVirt_Cinder_CI"
+    # Several cinder-volume services of one ``cluster`` may serve the
+    # pool: image leases serialise the operations of one host, the SDM
+    # lease and each flow's plan check fence the hosts (sanlock), the
+    # logbook is shared, and a periodic recovery pass takes over a dead
+    # host's flows (ovirt_recovery_interval). doc/source/admin/cinder.rst,
+    # "Active-active", has what a cluster needs.
+    SUPPORTS_ACTIVE_ACTIVE = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.configuration.append_config_values(options.OVIRT_OPTS)
         self.pool: StoragePool | None = None
+        # The periodic recovery pass (ovirt_recovery_interval).
+        self._recovery: Any = None
         self.target_driver: Any = None
         if self.configuration.safe_get("ovirt_export_protocol") == "iscsi":
             # Cinder's own target helpers (tgtadm, lioadm), as the LVM
@@ -138,6 +163,58 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         if not conf.ovirt_copy_offload:
             for dom in self.pool.domains.values():
                 dom.copy_offload = False
+        if self.cluster_name and any(self._export_mode(sd_id) != "nfs"
+                                     for sd_id in self.pool.domains):
+            LOG.warning(
+                "Cluster %s: attached volumes are served by daemons that "
+                "only the host that attached them sees (ovirt_run_path); "
+                "every cinder-volume of the cluster must run on this host, "
+                "see 'Active-active' in the driver's documentation",
+                self.cluster_name)
+        self._start_recovery(conf.ovirt_recovery_interval)
+
+    def _start_recovery(self, interval: int) -> None:
+        """Run :meth:`_recover_pending` every ``interval`` seconds (none
+        if 0); the first pass is ``interval`` seconds from now, since
+        opening the pool has just recovered."""
+        self._stop_recovery()
+        if interval <= 0:
+            return
+        LOG.info("Recovering unfinished storage operations every %d s",
+                 interval)
+        self._recovery = loopingcall.FixedIntervalLoopingCall(
+            self._recover_pending)
+        self._recovery.start(interval=interval, initial_delay=interval)
+
+    def _stop_recovery(self) -> None:
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:
+            recovery.stop()
+
+    def _recover_pending(self) -> None:
+        """One periodic recovery pass: finish or revert the unfinished
+        flows this service may run (its host's, a dead host's; see
+        :meth:`StoragePool.recover`). A flow running on this host is left
+        to it (``BUSY``) after a short wait, and tried again next pass.
+
+        Never raises: a looping call whose function raises stops for
+        good; a failure is logged and the next pass tries again.
+        """
+        pool = self.pool
+        if pool is None:
+            return
+        try:
+            done = pool.recover(lease_timeout=RECOVERY_LEASE_TIMEOUT)
+        except Exception:
+            LOG.exception("Periodic recovery of unfinished storage "
+                          "operations failed; the next pass tries again")
+            return
+        for name, outcome in done:
+            # BUSY and SKIPPED: left for later, nothing done; the pool
+            # logs each book's outcome.
+            if outcome not in (flows.BUSY, flows.SKIPPED):
+                LOG.info("Periodic recovery of storage flow %s: %s", name,
+                         outcome)
 
     def check_for_setup_error(self) -> None:
         if self.pool is None:

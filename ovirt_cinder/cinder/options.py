@@ -118,6 +118,26 @@ Possible values:
 Related options:
     * None
 """),
+    cfg.IntOpt(
+        "ovirt_recovery_interval", default=60, min=0,
+        help="""
+Seconds between passes that finish or revert unfinished storage
+operations (flows): those of this service's own host id that a crash
+left, and, with ``ovirt_lease_backend = sanlock``, those of another host
+once sanlock declares that host dead, so that a surviving cinder-volume
+of a cluster (active-active) takes over the flows of a dead one. The
+service also runs one pass when it starts. A pass does not wait for a
+flow that is running on this host: it tries again next time.
+
+Possible values:
+    * 0: only when the service starts
+    * A number of seconds
+
+Related options:
+    * ``ovirt_lease_backend``, ``ovirt_host_id``: which hosts' flows a
+      pass may take over
+    * ``cluster`` ([DEFAULT]): Cinder active-active
+"""),
 ]
 
 # Everything a backend section may hold: what the driver registers and

@@ -396,7 +396,8 @@ def cinder_driver(tmp_path):
         if backend not in conf:
             conf.register_group(cfg.OptGroup(backend))
         overrides = {"ovirt_domain_paths": mounts,
-                     "ovirt_pool_uuid": pool_id}
+                     "ovirt_pool_uuid": pool_id,
+                     "ovirt_recovery_interval": 0}
         for name, value in overrides.items():
             conf.set_override(name, value, group="backend_defaults")
         conf.set_override("image_conversion_dir", str(tmp_path / "conv"))

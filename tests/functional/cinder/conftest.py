@@ -100,7 +100,9 @@ def cinder_conf(tmp_path, mounts, storage, run_path, export_protocol):
     for name, value in {"ovirt_domain_paths": mounts,
                         "ovirt_pool_uuid": storage.pool_id,
                         "ovirt_run_path": run_path,
-                        "ovirt_export_protocol": export_protocol}.items():
+                        "ovirt_export_protocol": export_protocol,
+                        # No periodic recovery outlives the test.
+                        "ovirt_recovery_interval": 0}.items():
         CONF.set_override(name, value, group="backend_defaults")
     CONF.set_override("backend_url", f"file://{tmp_path}/coordination",
                       group="coordination")

@@ -66,6 +66,7 @@ def make_driver(tmp_path, name, run_path):
     CONF.set_override("ovirt_pool_uuid", pool.pool_id, group=name)
     CONF.set_override("ovirt_run_path", run_path, group=name)
     CONF.set_override("ovirt_export_protocol", "local", group=name)
+    CONF.set_override("ovirt_recovery_interval", 0, group=name)
     conf = configuration.Configuration([], config_group=name)
     drv = ovirt_driver.OvirtVolumeDriver(configuration=conf,
                                          host=f"host@{name}")

@@ -6,6 +6,7 @@ import uuid
 import pytest
 from cinder import exception
 from cinder import objects
+from cinder.volume import manager
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
@@ -13,6 +14,7 @@ from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import qemuimg
 from tests import damaged
 from tests import qemuio
+from tests.functional.cinder.conftest import BACKEND
 from tests.functional.cinder.conftest import CONF
 from tests.functional.cinder.conftest import new_volume
 
@@ -265,4 +267,61 @@ def test_create_from_mismatched_ovirt_image_is_not_cloned(
     assert conversion_leftovers() == []
     mgr.delete_volume(ctx, volume)
     assert len(storage.list_images(sd_id)) == 1     # the template
+    assert fsck.check(storage).clean
+
+
+def start_clustered(ctx, host, cluster):
+    service = objects.Service(ctx, host=host, cluster_name=cluster,
+                              binary="cinder-volume", topic="cinder-volume",
+                              report_count=0, availability_zone="nova")
+    service.create()
+    # Cinder refuses a clustered driver without SUPPORTS_ACTIVE_ACTIVE.
+    mgr = manager.VolumeManager(service_name=BACKEND, host=host,
+                                cluster=cluster)
+    mgr.init_host(service_id=service.id)
+    assert mgr.driver.initialized
+    assert mgr.driver.cluster_name == cluster
+    return mgr
+
+
+def test_clustered_services_serve_one_pool(cinder_conf, ctx, images,
+                                           storage, caplog):
+    """Two cinder-volume services of one cluster (active-active): a
+    volume created through one is snapshotted, extended and cleaned up
+    through the other, with its data kept."""
+    cluster = f"ovirt-cluster@{BACKEND}"
+    first, second = (start_clustered(ctx, f"{name}@{BACKEND}", cluster)
+                     for name in ("host-a", "host-b"))
+    # Exports (``local`` here) are host-local: each service says so.
+    assert caplog.text.count(f"Cluster {cluster}: attached volumes") == 2
+    sd_id = storage.master.sd_id
+    volume = objects.Volume(
+        ctx, host=f"host-a@{BACKEND}#{sd_id}",
+        cluster_name=f"{cluster}#{sd_id}", size=1, status="creating",
+        attach_status="detached", user_id=ctx.user_id,
+        project_id=ctx.project_id)
+    volume.create()
+    first.create_volume(ctx, volume)
+    volume.refresh()
+    assert volume.status == "available"
+    write(first, volume, 0, 0x51)
+
+    snap = objects.Snapshot(ctx, volume_id=volume.id, volume_size=1,
+                            status="creating", user_id=ctx.user_id,
+                            project_id=ctx.project_id)
+    snap.create()
+    second.create_snapshot(ctx, snap)
+    snap.refresh()
+    assert snap.status == "available"
+    write(second, volume, 0, 0x52)
+    second.extend_volume(ctx, volume, 2, None)
+    volume.refresh()
+    assert volume.size == 2
+    assert leaf(first, volume).meta.capacity == 2 * GiB
+    verify(first, volume, 0, 0x52)
+
+    second.delete_snapshot(ctx, snap)
+    verify(first, volume, 0, 0x52)
+    first.delete_volume(ctx, volume)
+    assert storage.list_images(sd_id) == []
     assert fsck.check(storage).clean

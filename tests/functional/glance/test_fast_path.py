@@ -40,7 +40,8 @@ def drv(glance_pool, tmp_path):
     conf = cfg.CONF
     conf.register_group(cfg.OptGroup(BACKEND))
     overrides = {"ovirt_domain_paths": [glance_pool.master.mount],
-                 "ovirt_pool_uuid": glance_pool.pool_id}
+                 "ovirt_pool_uuid": glance_pool.pool_id,
+                 "ovirt_recovery_interval": 0}
     for name, value in overrides.items():
         conf.set_override(name, value, group="backend_defaults")
     conf.set_override("lock_path", str(tmp_path / "locks"),

@@ -370,7 +370,7 @@ def test_cinder_driver_with_sanlock(mount, mgr, tmp_path):
     conf.register_group(cfg.OptGroup(group))
     overrides = {"ovirt_domain_paths": [mount],
                  "ovirt_lease_backend": "sanlock", "ovirt_host_id": 1,
-                 "ovirt_io_timeout": 1}
+                 "ovirt_io_timeout": 1, "ovirt_recovery_interval": 0}
     for name, value in overrides.items():
         conf.set_override(name, value, group="backend_defaults")
     try:

@@ -37,9 +37,12 @@ def storage(mounts):
 def config(storage, mounts, tmp_path):
     conf = cfg.CONF
     conf.register_group(cfg.OptGroup(BACKEND))
+    # No periodic recovery left running after a test (test_driver.py
+    # starts its own where it checks one).
     overrides = {"ovirt_domain_paths": mounts,
                  "ovirt_pool_uuid": storage.pool_id,
-                 "ovirt_max_image_virtual_size_gb": 2}
+                 "ovirt_max_image_virtual_size_gb": 2,
+                 "ovirt_recovery_interval": 0}
     for name, value in overrides.items():
         conf.set_override(name, value, group="backend_defaults")
     conf.set_override("image_conversion_dir", str(tmp_path / "conv"))

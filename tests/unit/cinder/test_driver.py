@@ -6,11 +6,14 @@ is written and checked by content with qemu-io.
 """
 
 import contextlib
+import logging
 import os
 import subprocess
 import threading
+import time
 import uuid
 
+import eventlet
 import pytest
 from cinder import exception
 from cinder.tests.unit import fake_snapshot
@@ -95,7 +98,7 @@ def test_options_in_backend_defaults(drv, config):
             "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
             "ovirt_file_owner", "ovirt_file_group", "ovirt_run_path",
             "ovirt_max_image_virtual_size_gb", "ovirt_export_protocol",
-            "ovirt_copy_offload"} == names
+            "ovirt_copy_offload", "ovirt_recovery_interval"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
     assert config.ovirt_volume_format == "raw"
@@ -855,3 +858,138 @@ def test_do_setup_recovers_unfinished_work(config, storage, mounts,
     d = ovirt_driver.OvirtVolumeDriver(configuration=config)
     d.do_setup(None)
     assert list(d.pool.runner.unfinished()) == []
+
+
+# Active-active: the periodic recovery pass
+
+
+def test_driver_supports_active_active():
+    # Cinder's VolumeManager refuses a clustered service otherwise.
+    assert ovirt_driver.OvirtVolumeDriver.SUPPORTS_ACTIVE_ACTIVE is True
+
+
+def test_no_periodic_recovery_with_interval_zero(drv, config):
+    assert config.ovirt_recovery_interval == 0
+    assert drv._recovery is None
+
+
+def leave_create_volume(mounts, sd_id, locks):
+    """A flow of this host left unfinished (another cinder-volume process
+    of the host crashed in it): the book names a new image; its id."""
+    crashed = StoragePool.open(
+        mounts, listeners=[_interrupt_first_task],
+        lease_manager=lease.LocalLeaseManager(lock_path=locks))
+    img = uid()
+    with pytest.raises(KeyboardInterrupt):
+        crashed.create_volume(sd_id, img, MiB)
+    assert len(list(crashed.runner.unfinished())) == 1
+    return img
+
+
+@pytest.fixture
+def host_locks(tmp_path):
+    """The host's image locks in tmp_path, for the driver and the
+    "crashed" process alike."""
+    locks = str(tmp_path / "host-locks")
+    cfg.CONF.set_override("ovirt_lock_path", locks,
+                          group="backend_defaults")
+    yield locks
+    cfg.CONF.clear_override("ovirt_lock_path", group="backend_defaults")
+
+
+def test_periodic_recovery_finishes_a_flow_left_after_setup(
+        config, storage, mounts, host_locks, caplog):
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    d.do_setup(None)
+    sd_id = storage.master.sd_id
+    img = leave_create_volume(mounts, sd_id, host_locks)
+    with pytest.raises(errors.ImageIsBusy):
+        d.pool.snapshot(sd_id, img, uid())
+
+    with caplog.at_level(logging.INFO, logger=ovirt_driver.__name__):
+        d._recover_pending()
+
+    assert list(d.pool.runner.unfinished()) == []
+    # The flow was finished: the image is there, whole and usable.
+    vol = d.pool.leaf(sd_id, img)
+    assert vol.legal
+    assert vol.meta.capacity == MiB
+    assert qemuimg.info(vol.path, vol.qemu_format).virtual_size == MiB
+    assert fsck.check(d.pool).clean
+    assert "Periodic recovery of storage flow create_image: SUCCESS" in \
+        caplog.text
+
+
+def test_periodic_recovery_leaves_a_running_flow_quickly(
+        config, storage, mounts, host_locks):
+    """A book whose flow still runs in this process comes back BUSY after
+    the short wait, and is finished by a later pass."""
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    d.do_setup(None)
+    sd_id = storage.master.sd_id
+    img = leave_create_volume(mounts, sd_id, host_locks)
+    held, release = threading.Event(), threading.Event()
+
+    def running_flow():
+        with d.pool.lease_manager.image_lease(d.pool.domain(sd_id), img):
+            held.set()
+            release.wait(30)
+
+    flow = threading.Thread(target=running_flow)
+    flow.start()
+    try:
+        assert held.wait(10)
+        start = time.monotonic()
+        d._recover_pending()
+        assert time.monotonic() - start < 10   # not ovirt_lease_timeout
+        assert len(list(d.pool.runner.unfinished())) == 1
+    finally:
+        release.set()
+        flow.join()
+    d._recover_pending()
+    assert list(d.pool.runner.unfinished()) == []
+    assert d.pool.leaf(sd_id, img).legal
+
+
+@pytest.mark.parametrize("error", [
+    errors.DomainNotFound(sd_id="master of the pool"),
+    OSError(5, "Input/output error"),
+])
+def test_periodic_recovery_logs_instead_of_raising(drv, monkeypatch, caplog,
+                                                   error):
+    # A looping call whose function raises never runs again.
+    def recover(lease_timeout=None):
+        raise error
+
+    monkeypatch.setattr(drv.pool, "recover", recover)
+    with caplog.at_level(logging.ERROR, logger=ovirt_driver.__name__):
+        drv._recover_pending()
+    record, = [r for r in caplog.records
+               if r.name == ovirt_driver.__name__]
+    assert "Periodic recovery" in record.getMessage()
+    assert record.exc_info[1] is error
+
+
+def test_periodic_recovery_runs_every_interval(config, storage, mounts,
+                                               host_locks):
+    """With ovirt_recovery_interval set, do_setup starts a looping call
+    that finishes, by itself, a flow left after the service started."""
+    cfg.CONF.set_override("ovirt_recovery_interval", 1,
+                          group="backend_defaults")
+    d = ovirt_driver.OvirtVolumeDriver(configuration=config)
+    d.do_setup(None)
+    try:
+        assert d._recovery is not None
+        img = leave_create_volume(mounts, storage.master.sd_id, host_locks)
+        deadline = time.monotonic() + 20
+        while list(d.pool.runner.unfinished()):
+            assert time.monotonic() < deadline, "no recovery pass ran"
+            eventlet.sleep(0.1)     # the looping call is a green thread
+        assert d.pool.leaf(storage.master.sd_id, img).legal
+        # Setting up again replaces the loop; stopping it is for good.
+        first = d._recovery
+        d.do_setup(None)
+        assert d._recovery is not first
+    finally:
+        d._stop_recovery()
+    assert d._recovery is None
