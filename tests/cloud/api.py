@@ -43,7 +43,10 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(
 STATE = os.path.abspath(os.environ.get("OVIRT_CLOUD_DIR",
                                        os.path.join(TOP, ".cloud")))
 CINDER_CONF = os.path.join(STATE, "etc", "cinder", "cinder.conf")
-VOLUME_LOG = os.path.join(STATE, "log", "cinder-volume.log")
+# cinder-volume (ovirt1, ovirt2), then the cluster's services serving
+# ovirt3: host a's and host b's.
+VOLUME_LOGS = tuple(os.path.join(STATE, "log", f"cinder-volume{h}.log")
+                    for h in ("", "-a", "-b"))
 
 # This host as a consumer of ``driver_volume_type: local`` attachments.
 CONNECTOR = {"host": socket.gethostname(), "ip": "127.0.0.1",
@@ -127,17 +130,21 @@ def storage(backend: str, *args: str) -> Any:
     return json.loads(proc.stdout)
 
 
-def log_offset(path: str = VOLUME_LOG) -> int:
-    return os.path.getsize(path)
+def log_offset() -> dict[str, int]:
+    """The size of each cinder-volume's log."""
+    return {path: os.path.getsize(path) for path in VOLUME_LOGS}
 
 
-def log_lines_about(ids: Iterable[str], since: int,
-                    path: str = VOLUME_LOG) -> list[str]:
-    """Lines written after ``since`` that name one of ``ids`` or belong
-    to a request whose lines do (tracebacks name no volume)."""
-    with open(path, errors="replace") as f:
-        f.seek(since)
-        lines = f.read().splitlines()
+def log_lines_about(ids: Iterable[str],
+                    since: dict[str, int]) -> list[str]:
+    """Lines the cinder-volumes wrote after ``since`` that name one of
+    ``ids`` or belong to a request whose lines do (tracebacks name no
+    volume)."""
+    lines = []
+    for path, offset in since.items():
+        with open(path, errors="replace") as f:
+            f.seek(offset)
+            lines += f.read().splitlines()
     ids = list(ids)
     reqs = {m.group(1) for line in lines if any(i in line for i in ids)
             for m in [_REQ.search(line)] if m}
@@ -443,14 +450,14 @@ class Cloud:
         self.wait_volume(vol_id)
         return img
 
-    def digest(self, vol: dict, label: str) -> str:
-        """sha256 of the first CHECK_SIZE bytes of the volume, as Glance
+    def digest(self, vol: dict, label: str, size: int = CHECK_SIZE) -> str:
+        """sha256 of the first ``size`` bytes of the volume, as Glance
         gets it from an upload."""
         img = self.upload(vol["id"], label)
         if img["size"] != vol["size"] * GiB:
             raise CloudError(f"upload of {vol['id']} is {img['size']} "
                              f"bytes, not {vol['size']} GiB: {img}")
-        data = self.head(img["id"])
+        data = self.head(img["id"], size)
         self.delete_image(img["id"])
         return sha256(data)
 

@@ -39,7 +39,8 @@ def _unreachable(reason: str) -> NoReturn:
 
 def _volume_hosts(conn: openstack.connection.Connection) -> dict[str, str]:
     """backend name -> ``host@backend`` of the cinder-volume services that
-    are up and enabled."""
+    are up and enabled (one of the two services of the clustered
+    ``ovirt3``)."""
     resp = conn.block_storage.get("/os-services?binary=cinder-volume")
     if resp.status_code != 200:
         _unreachable(f"Cinder answers {resp.status_code}: {resp.text}")
@@ -120,6 +121,6 @@ def pool1(hosts: dict[str, str]) -> dict:
 
 
 @pytest.fixture
-def log_start() -> int:
-    """The size of cinder-volume's log when the test starts."""
+def log_start() -> dict[str, int]:
+    """The size of each cinder-volume's log when the test starts."""
     return api.log_offset()

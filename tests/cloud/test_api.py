@@ -204,7 +204,7 @@ def check_template_copy(pool1: dict, img_id: str) -> dict:
 
 def test_concurrent_first_uses_in_second_domain(
         cloud: Cloud, hosts: dict[str, str], pool1: dict, pattern: bytes,
-        log_start: int) -> None:
+        log_start: dict[str, int]) -> None:
     """Three volumes from a new image created at once in the domain
     without its template: one template copy, no reschedule, the bytes."""
     image = cloud.create_image("fresh", pattern)

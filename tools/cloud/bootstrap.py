@@ -1,6 +1,7 @@
 """Steps of `make cloud` that run in the cloud's venv (.cloud/venv).
 
     bootstrap.py pool <pool uuid> <domain path>...   create or open a pool
+    bootstrap.py flows <sqlalchemy url>...            make logbook schemas
     bootstrap.py keystone <password>                  service users, catalog
     bootstrap.py wait <binary:host>... [--timeout]    Cinder services up
     bootstrap.py types <backend>...                   one volume type each
@@ -40,6 +41,15 @@ def pool(args: argparse.Namespace) -> None:
     for path in paths:
         if not ours[path]:
             storage.add_domain(path)
+
+
+def flows(args: argparse.Namespace) -> None:
+    """Create the logbook tables once, before the services that share
+    them start (two services upgrading one schema at once would race)."""
+    from ovirt_cinder.storage import logbook
+
+    for url in args.urls:
+        logbook.fetch(url).close()
 
 
 def _connect():
@@ -109,6 +119,9 @@ def main() -> None:
     p.add_argument("pool_id")
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=pool)
+    p = sub.add_parser("flows")
+    p.add_argument("urls", nargs="+")
+    p.set_defaults(func=flows)
     p = sub.add_parser("keystone")
     p.add_argument("password")
     p.set_defaults(func=keystone)

@@ -5,15 +5,30 @@
     python3 tools/cloud/cloud.py down    # stop everything it started
     python3 tools/cloud/cloud.py status
 
-RabbitMQ, MariaDB, Keystone, glance-api (our store as the default
-backend), cinder-api, cinder-scheduler, cinder-backup (into a directory)
-and one cinder-volume serving two
-backends of the ovirt-cinder driver: ``ovirt1`` on a pool of two local
-domains (the pool Glance stores images in) and ``ovirt2`` on a pool of
-one, so that Cinder can migrate and retype between backends. Volumes are
-served with ``ovirt_export_protocol = local`` (this cloud has no Nova and
-the machine no kernel iSCSI initiator); Cinder's host-assisted copies
-attach them through os-brick's local connector.
+RabbitMQ, MariaDB, Redis, Keystone, glance-api (our store as the
+default backend), cinder-api, cinder-scheduler, cinder-backup (into a
+directory) and three cinder-volume services:
+
+- ``cinder-volume`` serves two backends of the ovirt-cinder driver:
+  ``ovirt1`` on a pool of two local domains (the pool Glance stores
+  images in) and ``ovirt2`` on a pool of one, so that Cinder can migrate
+  and retype between backends and between the domains of one backend;
+- ``cinder-volume-a`` and ``cinder-volume-b`` serve the backend
+  ``ovirt3`` together, in the Cinder cluster ``ovirt`` (active-active).
+  They play two storage hosts, ``cloud-a`` and ``cloud-b``: each has its
+  own sanlock daemon (its own ``SANLOCK_RUN_DIR``) and sanlock host id (1
+  and 2) in the pool's lockspaces, as two machines sharing NFS would.
+  They coordinate through tooz on Redis and keep the flows' logbooks in
+  MariaDB (``ovirt_flow_connection``), so that either can finish what the
+  other left. The ``ovirt-storage`` CLI of the ``openrc`` is on host a
+  (its daemon, host id 1). The cluster has a backend of its own because
+  Cinder cannot address one pool of a clustered backend (a migration to
+  ``cluster@backend#pool`` loses the pool), which the walkthrough and
+  Tempest do between ovirt1's two domains.
+
+Volumes are served with ``ovirt_export_protocol = local`` (this cloud has
+no Nova and the machine no kernel iSCSI initiator); Cinder's
+host-assisted copies attach them through os-brick's local connector.
 
 Everything lives under ``.cloud/`` of the checkout (``OVIRT_CLOUD_DIR``):
 configuration in ``etc/``, one log per service in ``log/``, pid files in
@@ -61,7 +76,7 @@ RUN = os.path.join(STATE, "run")
 HOST = "127.0.0.1"
 PASSWORD = "secret"  # every service account; bound to 127.0.0.1 only
 REGION = "RegionOne"
-PORTS = {"mysql": 3306, "rabbitmq": 5672, "keystone": 5000,
+PORTS = {"mysql": 3306, "rabbitmq": 5672, "redis": 6379, "keystone": 5000,
          "glance": 9292, "cinder": 8776}
 KEYSTONE_URL = f"http://{HOST}:{PORTS['keystone']}/v3"
 DB_URL = f"mysql+pymysql://openstack:{PASSWORD}@{HOST}/{{}}?charset=utf8"
@@ -73,9 +88,23 @@ POOLS = {
     "ovirt1": ("5b0e9c3a-2f4d-4a7b-8c1e-9d6f0a2b3c41", ["domain1",
                                                       "domain2"]),
     "ovirt2": ("8d2c4e6f-1a3b-4c5d-9e7f-0b1c2d3e4f52", ["domain3"]),
+    "ovirt3": ("3e7a9c1d-5b2f-4e8a-a6c4-7d1f9b0e2a63", ["domain4"]),
 }
+# The backends of the single-host cinder-volume, and the clustered one.
+SINGLE = ("ovirt1", "ovirt2")
+CLUSTERED = "ovirt3"
 STORAGE = os.path.join(STATE, "storage")
 LOCKS = os.path.join(STORAGE, "locks")
+
+# The storage hosts of the cluster serving CLUSTERED: name -> host id.
+VOLUME_HOSTS = {"a": 1, "b": 2}
+CLUSTER = "ovirt"
+# sanlock declares a killed host dead after 8 x io_timeout + 60 s; 5 s
+# keeps renewals safe on a loaded 2-core machine.
+IO_TIMEOUT = 5
+# Seconds between the drivers' recovery passes (ovirt_recovery_interval).
+RECOVERY_INTERVAL = 10
+SHIM_SOURCE = os.path.join(TOP, "tools", "sanlock", "preload_shim.c")
 
 SANLOCK_SO = ("/usr/lib/python3/dist-packages/"
               "sanlock.cpython-311-x86_64-linux-gnu.so")
@@ -302,7 +331,7 @@ def start_mysql() -> None:
     wait_port("mysql", PORTS["mysql"])
     grants = "".join(
         f"CREATE DATABASE IF NOT EXISTS {db};" for db in
-        ("keystone", "glance", "cinder"))
+        ("keystone", "glance", "cinder", flows_db(CLUSTERED)))
     for host in ("127.0.0.1", "localhost"):
         grants += (f"CREATE USER IF NOT EXISTS 'openstack'@'{host}' "
                    f"IDENTIFIED BY '{PASSWORD}';"
@@ -361,6 +390,57 @@ def stop_rabbitmq() -> None:
     stop("rabbitmq")
     # epmd, the Erlang port mapper the node started, outlives it.
     run(["epmd", "-kill"], env=RABBIT_ENV, check=False)
+
+
+# Redis (Cinder's tooz coordination backend)
+
+
+def start_redis() -> None:
+    data = os.path.join(STATE, "redis")
+    os.makedirs(data, exist_ok=True)
+    spawn("redis", ["redis-server", "--bind", HOST,
+                    "--port", str(PORTS["redis"]), "--dir", data,
+                    "--save", "", "--appendonly", "no",
+                    "--daemonize", "no"])
+    wait_port("redis", PORTS["redis"])
+
+
+# sanlock: one daemon per storage host
+
+
+def sanlock_env(host: str) -> dict[str, str]:
+    """The environment of host ``host``'s sanlock clients."""
+    return {"SANLOCK_RUN_DIR": os.path.join(RUN, f"sanlock-{host}")}
+
+
+def _shim() -> str:
+    """The LD_PRELOAD shim the daemon needs here (the machine drops
+    CAP_SYS_RESOURCE; see tools/sanlock/preload_shim.c)."""
+    out = os.path.join(STATE, "sanlock", "preload_shim.so")
+    if (not os.path.exists(out)
+            or os.path.getmtime(out) < os.path.getmtime(SHIM_SOURCE)):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        run(["gcc", "-shared", "-fPIC", "-O2", "-o", out, SHIM_SOURCE,
+             "-ldl"])
+    return out
+
+
+def start_sanlock(host: str) -> None:
+    """Host ``host``'s daemon, as root (the lease files are root's), in
+    the foreground, without a watchdog (there is no wdmd here)."""
+    env = sanlock_env(host)
+    os.makedirs(env["SANLOCK_RUN_DIR"], exist_ok=True)
+    name = f"sanlock-{host}"
+    spawn(name, ["sanlock", "daemon", "-D", "-w", "0", "-U", "root",
+                 "-G", "root", "-L", "-1", "-S", "-1"],
+          env={**env, "LD_PRELOAD": _shim()})
+    deadline = time.monotonic() + 30
+    while run(["sanlock", "client", "status"], env=env,
+              check=False).returncode != 0:
+        if not running(name) or time.monotonic() > deadline:
+            raise CloudError(f"{name} does not answer; see "
+                             f"{os.path.join(LOG, name + '.log')}")
+        time.sleep(0.2)
 
 
 # Keystone
@@ -428,12 +508,38 @@ def _paths(domains: list[str]) -> str:
     return ",".join(os.path.join(STORAGE, d) for d in domains)
 
 
+def flows_db(backend: str) -> str:
+    """The database of a pool's flow logbooks."""
+    return f"ovirt_flows_{backend}"
+
+
+def _pool_options(backend: str) -> dict[str, object]:
+    """What every user of ``backend``'s pool (services, Glance, the CLI)
+    must agree on; the clustered pool is fenced by sanlock (the host id
+    here is host a's, for the CLI; each service's own file gives its own)
+    and logs its flows in MariaDB."""
+    pool_id, domains = POOLS[backend]
+    options: dict[str, object] = {
+        "ovirt_pool_uuid": pool_id,
+        "ovirt_domain_paths": _paths(domains),
+        "ovirt_lock_path": LOCKS,
+    }
+    if backend == CLUSTERED:
+        options.update({
+            "ovirt_lease_backend": "sanlock",
+            "ovirt_io_timeout": IO_TIMEOUT,
+            "ovirt_host_id": VOLUME_HOSTS["a"],
+            "ovirt_flow_connection": DB_URL.format(flows_db(backend)),
+            "ovirt_recovery_interval": RECOVERY_INTERVAL,
+        })
+    return options
+
+
 # Glance
 
 
 def glance_conf() -> str:
     conf_dir = os.path.join(ETC, "glance")
-    pool_id, domains = POOLS["ovirt1"]
     state = os.path.join(STATE, "glance")
     os.makedirs(conf_dir, exist_ok=True)
     shutil.copy(os.path.join(VENV, "etc", "glance", "glance-api-paste.ini"),
@@ -451,9 +557,7 @@ def glance_conf() -> str:
         "glance_store": {"default_backend": "ovirt"},
         "ovirt": {
             "store_description": "Images as templates of the ovirt1 pool",
-            "ovirt_pool_uuid": pool_id,
-            "ovirt_domain_paths": _paths(domains),
-            "ovirt_lock_path": LOCKS,
+            **_pool_options("ovirt1"),
         },
         "os_glance_staging_store": {
             "filesystem_store_datadir": f"{state}/staging"},
@@ -493,7 +597,7 @@ def cinder_conf() -> str:
             "auth_strategy": "keystone",
             "my_ip": HOST,
             "state_path": state,
-            "enabled_backends": ",".join(POOLS),
+            "enabled_backends": ",".join(SINGLE),
             "default_volume_type": "ovirt1",
             "glance_api_servers": f"http://{HOST}:{PORTS['glance']}",
             "osapi_volume_listen": HOST,
@@ -516,28 +620,42 @@ def cinder_conf() -> str:
                      "max_pool_size": 20, "max_overflow": 40},
         "keystone_authtoken": _authtoken("cinder"),
         "oslo_concurrency": {"lock_path": f"{state}/locks"},
-        "coordination": {"backend_url": f"file://{state}/coordination"},
+        # Active-active needs a coordination backend every service of
+        # the cluster shares.
+        "coordination": {
+            "backend_url": f"redis://{HOST}:{PORTS['redis']}"},
         # Root already: the privsep daemons need no sudo or rootwrap.
         "privsep_osbrick": {"helper_command": privsep},
         "cinder_sys_admin": {"helper_command": privsep},
         "ovirt_cinder_privileged": {"helper_command": privsep},
     }
-    for name, (pool_id, domains) in POOLS.items():
+    for name in POOLS:
         sections[name] = {
             "volume_driver": "ovirt_cinder.cinder.driver.OvirtVolumeDriver",
             "volume_backend_name": name,
-            "ovirt_pool_uuid": pool_id,
-            "ovirt_domain_paths": _paths(domains),
-            "ovirt_lock_path": LOCKS,
+            **_pool_options(name),
+            # The cluster's services are on this machine: they share the
+            # daemons serving attached volumes.
             "ovirt_run_path": os.path.join(RUN, name),
             "ovirt_export_protocol": "local",
         }
     write_ini(CINDER_CONF, sections)
+    for host, host_id in VOLUME_HOSTS.items():
+        write_ini(volume_conf(host), {
+            "DEFAULT": {"host": f"cloud-{host}", "cluster": CLUSTER,
+                        "enabled_backends": CLUSTERED},
+            CLUSTERED: {"ovirt_host_id": host_id}})
     return CINDER_CONF
+
+
+def volume_conf(host: str) -> str:
+    """cinder-volume-<host>'s own options, read after cinder.conf."""
+    return os.path.join(ETC, "cinder", f"cinder-volume-{host}.conf")
 
 
 CINDER_SERVICES = ("cinder-api", "cinder-scheduler", "cinder-volume",
                    "cinder-backup")
+VOLUME_SERVICES = tuple(f"cinder-volume-{h}" for h in VOLUME_HOSTS)
 
 
 def start_cinder() -> None:
@@ -550,7 +668,19 @@ def start_cinder() -> None:
     for name in CINDER_SERVICES:
         spawn(name, [vbin(name), "--config-file", conf, "--log-file",
                      os.path.join(LOG, f"{name}.log")])
+    for host in VOLUME_HOSTS:
+        start_volume(host)
     wait_port("cinder-api", PORTS["cinder"])
+
+
+def start_volume(host: str) -> None:
+    """Storage host ``host``: its sanlock daemon and its cinder-volume."""
+    start_sanlock(host)
+    name = f"cinder-volume-{host}"
+    spawn(name, [vbin("cinder-volume"), "--config-file", CINDER_CONF,
+                 "--config-file", volume_conf(host),
+                 "--log-file", os.path.join(LOG, f"{name}.log")],
+          env=sanlock_env(host))
 
 
 # Storage
@@ -564,6 +694,8 @@ def ensure_pools() -> None:
             os.makedirs(path, exist_ok=True)
         run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "pool",
              pool_id, *paths])
+    run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "flows",
+         DB_URL.format(flows_db(CLUSTERED))])
 
 
 # Walkthrough credentials
@@ -581,6 +713,8 @@ def write_openrc() -> None:
         export OS_PROJECT_DOMAIN_NAME=Default
         export OS_REGION_NAME={REGION}
         export OS_VOLUME_API_VERSION=3
+        # ovirt-storage runs on storage host a: its sanlock daemon.
+        export SANLOCK_RUN_DIR={sanlock_env("a")["SANLOCK_RUN_DIR"]}
         export PATH={os.path.join(VENV, 'bin')}:$PATH
         """)
 
@@ -597,10 +731,12 @@ def openrc_env() -> dict:
 
 
 def wait_volume_services(timeout: float = 180) -> None:
-    """Until cinder-volume reports both backends, and cinder-backup."""
+    """Until every backend of every cinder-volume is up, and
+    cinder-backup."""
     host = socket.gethostname()
     run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "wait",
-         *(f"cinder-volume:{host}@{b}" for b in POOLS),
+         *(f"cinder-volume:{host}@{b}" for b in SINGLE),
+         *(f"cinder-volume:cloud-{h}@{CLUSTERED}" for h in VOLUME_HOSTS),
          f"cinder-backup:{host}", "--timeout", str(timeout)],
         env=openrc_env(), timeout=timeout + 60)
 
@@ -622,6 +758,7 @@ def up(args: argparse.Namespace) -> None:
                     packages=(os.path.join(HERE, "tempest-plugin"),))
     start_mysql()
     start_rabbitmq()
+    start_redis()
     start_keystone()
     write_openrc()
     run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "keystone",
@@ -636,8 +773,11 @@ def up(args: argparse.Namespace) -> None:
         f"logs in {os.path.relpath(LOG)}")
 
 
-SERVICES = ("cinder-backup", "cinder-volume", "cinder-scheduler",
+SERVICES = ("cinder-backup", "cinder-volume", *VOLUME_SERVICES,
+            "cinder-scheduler",
             "cinder-api", "glance", "keystone")
+# After their clients: a daemon ignores SIGTERM while it has lockspaces.
+DAEMONS = (*(f"sanlock-{h}" for h in VOLUME_HOSTS), "redis")
 
 
 def down(args: argparse.Namespace) -> None:
@@ -647,9 +787,12 @@ def down(args: argparse.Namespace) -> None:
         # Daemons serving attached volumes, started through privsep.
         for pid_path in _daemon_pidfiles():
             _kill_pidfile(pid_path)
+    for name in DAEMONS:
+        stop(name, timeout=3)
     stop_rabbitmq()
     stop_mysql()
-    left = [n for n in (*SERVICES, "rabbitmq", "mysql") if running(n)]
+    left = [n for n in (*SERVICES, *DAEMONS, "rabbitmq", "mysql")
+            if running(n)]
     if left:
         raise CloudError(f"still running: {', '.join(left)}")
     if args.purge:
@@ -674,7 +817,8 @@ def _kill_pidfile(path: str) -> None:
 
 def status(args: argparse.Namespace) -> int:
     down_ = 0
-    for name in ("mysql", "rabbitmq", *reversed(SERVICES)):
+    for name in ("mysql", "rabbitmq", *reversed(DAEMONS),
+                 *reversed(SERVICES)):
         pid = running(name)
         print(f"{name:18} {'running ' + str(pid) if pid else 'stopped'}")
         down_ += pid is None
