@@ -68,6 +68,7 @@ from oslo_service import loopingcall
 from oslo_utils import excutils
 from oslo_utils import importutils
 
+from ovirt_cinder.cinder import image_cache
 from ovirt_cinder.cinder import manageable
 from ovirt_cinder.cinder import options
 from ovirt_cinder.cinder import tgt
@@ -563,7 +564,76 @@ class OvirtVolumeDriver(driver.VolumeDriver):
             if found and found[0] == self._pool.pool_id:
                 cloned = self._thin_clone(volume, image_meta, *found[1:])
                 return None, cloned
-        return None, False
+        return None, self._clone_cached(context, volume, image_meta or {},
+                                        image_service)
+
+    def _clone_cached(self, context: Any, volume: Any, image_meta: dict,
+                      image_service: Any) -> bool:
+        """A thin clone of the image's cache entry in the volume's domain,
+        made first if missing (:mod:`ovirt_cinder.cinder.image_cache`);
+        False (Cinder copies the image) when the image is not cached."""
+        conf = self.configuration
+        host = conf.ovirt_host_id
+        cache_id = image_cache.entry_id(image_meta, host)
+        if (not conf.ovirt_image_cache or cache_id is None
+                or image_service is None
+                or image_meta.get("container_format", "bare") != "bare"
+                or self._allocation(volume) == sc.Preallocation.PREALLOCATED):
+            return False
+        image_id = image_meta["id"]
+        sd_id = self._target_sd_id(volume)
+        tmpl = image_cache.lookup(self._pool, sd_id, cache_id)
+        if tmpl is None:
+            tmpl = self._cache_image(context, volume, image_meta,
+                                     image_service, sd_id, cache_id)
+        if tmpl.meta.capacity > volume.size * GiB:
+            raise exception.ImageUnacceptable(
+                image_id=image_id, reason=f"its virtual size "
+                f"{tmpl.meta.capacity} is larger than the volume")
+        with engine_errors(volume_id=volume.id, image_id=image_id):
+            try:
+                self._pool.thin_clone(sd_id, cache_id, volume.name_id,
+                                      size=volume.size * GiB)
+            except errors.ImageNotFound:
+                # Evicted meanwhile by another service of this host.
+                LOG.info("Cache entry %s of image %s is gone; Cinder "
+                         "copies the image", cache_id, image_id)
+                return False
+        image_cache.touch(self._pool, sd_id, cache_id)
+        LOG.info("Volume %s is a thin clone of the cache entry %s of "
+                 "image %s", volume.id, cache_id, image_id)
+        return True
+
+    def _cache_image(self, context: Any, volume: Any, image_meta: dict,
+                     image_service: Any, sd_id: str, cache_id: str) -> Any:
+        """Download, inspect and convert the image into a new cache entry,
+        then keep the host's entries within their bounds."""
+        conf = self.configuration
+        image_id = image_meta["id"]
+        limit = conf.ovirt_max_image_virtual_size_gb * GiB
+        with _downloaded(context, image_service, image_id, volume) as tmp:
+            with engine_errors(image_id=image_id, hide={tmp: image_id}):
+                found = inspect.inspect_untrusted(
+                    tmp, declared_format=image_meta.get("disk_format"),
+                    max_virtual_size=limit, name=image_id)
+            LOG.info("Caching image %s (%s, virtual size %d) in domain %s "
+                     "as %s", image_id, found.format, found.virtual_size,
+                     sd_id, cache_id)
+            with engine_errors(volume_id=volume.id, image_id=image_id,
+                               hide={tmp: f"image {image_id}"}):
+                try:
+                    tmpl = image_cache.add(self._pool, sd_id, cache_id,
+                                           image_id, conf.ovirt_host_id,
+                                           tmp, found)
+                except errors.ImageExists:
+                    tmpl = image_cache.lookup(self._pool, sd_id, cache_id)
+                    if tmpl is None:
+                        raise
+        image_cache.evict(self._pool, sd_id, conf.ovirt_host_id,
+                          max_count=conf.ovirt_image_cache_max_count,
+                          max_bytes=conf.ovirt_image_cache_max_size_gb * GiB,
+                          keep=cache_id)
+        return tmpl
 
     def _thin_clone(self, volume: Any, image_meta: dict, tmpl_sd: str,
                     tmpl_img: str, tmpl_vol: str) -> bool:

@@ -118,6 +118,53 @@ Possible values:
 Related options:
     * None
 """),
+    cfg.BoolOpt(
+        "ovirt_image_cache", default=True,
+        help="""
+Keep Glance images that are not templates of this pool (images of other
+stores) as templates in the domains, so that volumes from one image are
+thin clones of one converted copy. The first volume from an image
+downloads and converts it into the volume's domain; later volumes from
+the image in that domain take O(1). An image without a hash
+(``os_hash_value`` or ``checksum``) and volumes of a type with
+``ovirt:volume_allocation = preallocated`` are copied as without the
+cache. Each storage host (``ovirt_host_id``) keeps its own entries. It
+takes precedence over Cinder's image-volume cache.
+
+Possible values:
+    * true, false
+
+Related options:
+    * ``ovirt_image_cache_max_count``, ``ovirt_image_cache_max_size_gb``
+"""),
+    cfg.IntOpt(
+        "ovirt_image_cache_max_count", default=50, min=0,
+        help="""
+Most cached images a storage host keeps per domain; the least recently
+used go first. A removed entry's space is freed with the last volume
+cloned from it.
+
+Possible values:
+    * 0: no limit
+    * A number of images
+
+Related options:
+    * ``ovirt_image_cache``
+"""),
+    cfg.IntOpt(
+        "ovirt_image_cache_max_size_gb", default=0, min=0,
+        help="""
+Most space, in GiB, the cached images of a storage host may take per
+domain (allocated bytes); the least recently used go first. The entry
+just made is always kept.
+
+Possible values:
+    * 0: no limit
+    * A number of GiB
+
+Related options:
+    * ``ovirt_image_cache``
+"""),
     cfg.IntOpt(
         "ovirt_recovery_interval", default=60, min=0,
         help="""

@@ -18,6 +18,11 @@ object and preserve anything else we find:
     the domain of the original. The copy is removed once no image links
     it and the original is gone (``StoragePool.collect_template_copy``).
 
+``cache``, ``host``
+    On a template made by the Cinder driver's image cache: the Glance
+    image id it holds and the storage host (``ovirt_host_id``) that made
+    it (``ovirt_cinder/cinder/image_cache.py``).
+
 ``temp``
     On a volume frozen by a temporary live snapshot of an attached image
     (to merge its leaf, or to copy its moving top): its ``snap`` is the

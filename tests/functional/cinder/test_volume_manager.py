@@ -1,5 +1,6 @@
 """The driver under Cinder's real VolumeManager, checked by content."""
 
+import hashlib
 import os
 import uuid
 
@@ -8,6 +9,7 @@ from cinder import exception
 from cinder import objects
 from cinder.volume import manager
 
+from ovirt_cinder.cinder import image_cache
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import fsck
@@ -267,6 +269,48 @@ def test_create_from_mismatched_ovirt_image_is_not_cloned(
     assert conversion_leftovers() == []
     mgr.delete_volume(ctx, volume)
     assert len(storage.list_images(sd_id)) == 1     # the template
+    assert fsck.check(storage).clean
+
+
+def test_plain_image_is_cached_once(volume_manager, ctx, storage, images,
+                                    tmp_path):
+    """A Glance image of another store: the first volume converts it into
+    a cache entry, later volumes are thin clones of it, and each keeps
+    its data after the others are gone."""
+    mgr, sd_id = volume_manager, storage.master.sd_id
+    src = str(tmp_path / "plain.qcow2")
+    qemuimg.create(src, "qcow2", 64 * MiB)
+    qemuio.write_pattern(src, "qcow2", 0, MiB, 0x71)
+    with open(src, "rb") as f:
+        digest = hashlib.sha512(f.read()).hexdigest()
+    image_id = images.add_file(src, "qcow2", virtual_size=64 * MiB,
+                               min_disk=0, os_hash_algo="sha512",
+                               os_hash_value=digest)
+    volumes = [create_from_image(mgr, ctx, sd_id, image_id)
+               for _ in range(3)]
+    entry = image_cache.entry_id(images.show(ctx, image_id), 1)
+    tmpl = storage.image(sd_id, entry).template()
+    for volume in volumes:
+        assert volume.status == "available"
+        assert volume.bootable
+        assert leaf(mgr, volume).parent == tmpl.vol_id
+        verify(mgr, volume, 0, 0x71)
+    write(mgr, volumes[0], 0, 0x72)
+    verify(mgr, volumes[1], 0, 0x71)
+
+    upload = images.add(b"", "raw")
+    volumes[0].status = "uploading"
+    volumes[0].save()
+    mgr.copy_volume_to_image(ctx, volumes[0].id, images.show(ctx, upload))
+    out = tmp_path / "uploaded.raw"
+    out.write_bytes(images.data[upload])
+    qemuio.verify_pattern(str(out), "raw", 0, MiB, 0x72)
+    assert os.path.getsize(out) == GiB
+
+    for volume in volumes:
+        mgr.delete_volume(ctx, volume)
+    assert storage.list_images(sd_id) == [entry]
+    assert conversion_leftovers() == []
     assert fsck.check(storage).clean
 
 

@@ -98,7 +98,9 @@ def test_options_in_backend_defaults(drv, config):
             "ovirt_qemu_img_timeout", "ovirt_copy_stall_timeout",
             "ovirt_file_owner", "ovirt_file_group", "ovirt_run_path",
             "ovirt_max_image_virtual_size_gb", "ovirt_export_protocol",
-            "ovirt_copy_offload", "ovirt_recovery_interval"} == names
+            "ovirt_copy_offload", "ovirt_recovery_interval",
+            "ovirt_image_cache", "ovirt_image_cache_max_count",
+            "ovirt_image_cache_max_size_gb"} == names
     # Set in backend_defaults, read through the backend section.
     assert config.ovirt_max_image_virtual_size_gb == 2
     assert config.ovirt_volume_format == "raw"
