@@ -17,14 +17,17 @@ and each virtual size (``--sizes``), ``--repeat`` times:
 - ``thin-clone``: ``pool.thin_clone`` of a template, against
   ``qemu-img create -b`` of an overlay.
 
-The domain is filled by ``pool.create_volume`` of 1 MiB qcow2 images
-(the fill time is printed); the smaller fill is measured first, then the
-domain is filled up to the next one. Prints one table (median and p90 in
-ms, the median's ratio to its baseline, the target and whether it is
-met), then the ratio of create latency at the largest fill to that at the
-smallest. Targets: snapshot and thin clone under 50 ms at any size;
-create at 2,000 images within 1.2x of create at 100. Not a test: it exits
-0 when targets are missed. Run it by hand (or ``make bench``)::
+Each fill has its own domain of the pool, on the same disk, filled by
+``pool.create_volume`` of 1 MiB qcow2 images (the fill time is printed).
+Creates are measured interleaved across the fills (one create in each
+fill's domain per round), so that the ratio between fills compares the
+same disk state and load; the other operations run fill after fill.
+Prints one table (median and p90 in ms, the median's ratio to its
+baseline, the target and whether it is met), then the ratio of create
+latency at the largest fill to that at the smallest. Targets: snapshot
+and thin clone under 50 ms at any size; create at 2,000 images within
+1.2x of create at 100. Not a test: it exits 0 when targets are missed.
+Run it by hand (or ``make bench``)::
 
     python bench/engine.py [--repeat 10] [--fill 100,2000]
         [--sizes 1G,10G] [--data 64] [--dir DIR] [--keep]
@@ -108,15 +111,25 @@ def p90(times: list[float]) -> float:
 class Bench:
     """One pool in ``work``, its master domain, and the result rows."""
 
-    def __init__(self, work: str, repeat: int, data: int) -> None:
+    def __init__(self, work: str, repeat: int, data: int,
+                 fills: list[int]) -> None:
         self.work, self.repeat, self.data = work, repeat, data
-        mount = os.path.join(work, "mnt")
-        os.makedirs(mount)
-        self.pool = StoragePool.create(mount)
-        self.sd_id = self.pool.master.sd_id
         self.rows: list[tuple] = []
         self.medians: dict[tuple, float] = {}
-        self.filled = 0
+        # One domain per fill, all on the disk under test, so that creates
+        # at every fill can be measured interleaved (the same disk state
+        # and machine load for each), not one fill long after the other.
+        self.domains: dict[int, str] = {}
+        for fill in fills:
+            mount = os.path.join(work, f"mnt-{fill}")
+            os.makedirs(mount)
+            if not self.domains:
+                self.pool = StoragePool.create(mount)
+                sd_id = self.pool.master.sd_id
+            else:
+                sd_id = self.pool.add_domain(mount).sd_id
+            self.domains[fill] = sd_id
+        self.sd_id = self.domains[fills[0]]
 
     # Helpers
 
@@ -138,13 +151,13 @@ class Bench:
                           TARGETS.get(op)))
 
     def fill(self, count: int) -> None:
-        """Create 1 MiB images until the domain holds ``count``."""
-        todo = count - self.filled
+        """Create ``count`` 1 MiB images in the domain of that fill."""
+        self.sd_id = self.domains[count]
+        todo = count
         start = time.perf_counter()
         for _ in range(todo):
             self.image(MiB)
         secs = time.perf_counter() - start
-        self.filled = count
         if todo > 0:
             print(f"filled the domain to {count} images: {todo} creates "
                   f"in {secs:.1f} s ({secs / todo * 1000:.1f} ms each)",
@@ -198,14 +211,26 @@ class Bench:
 
     # Engine operations
 
-    def operations(self, size: int, fill: int) -> None:
-        pool, sd_id, repeat = self.pool, self.sd_id, self.repeat
+    def creates(self, size: int) -> None:
+        """Create at every fill, interleaved: each round creates (and
+        drops, untimed) one volume in each fill's domain in turn."""
+        pool = self.pool
         for name, fmt, base in [("create qcow2", COW, "qemu-img create qcow2"),
                                 ("create raw", RAW, "qemu-img create raw")]:
-            times = measure(repeat, new_id, lambda img, fmt=fmt:
-                            pool.create_volume(sd_id, img, size, fmt=fmt),
-                            self.drop)
-            self.record(name, size, fill, times, base)
+            times: dict[int, list[float]] = {f: [] for f in self.domains}
+            for _ in range(self.repeat):
+                for fill, sd_id in self.domains.items():
+                    img = new_id()
+                    start = time.perf_counter()
+                    pool.create_volume(sd_id, img, size, fmt=fmt)
+                    times[fill].append((time.perf_counter() - start) * 1000)
+                    pool.delete_image(sd_id, img)
+            for fill, measured in times.items():
+                self.record(name, size, fill, measured, base)
+
+    def operations(self, size: int, fill: int) -> None:
+        self.sd_id = self.domains[fill]
+        pool, sd_id, repeat = self.pool, self.sd_id, self.repeat
 
         def snapshot(img: str) -> str:
             pool.snapshot(sd_id, img, new_id())
@@ -293,12 +318,14 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="engine-", dir=args.dir)
     print(f"work directory {work}; repeat {args.repeat}", flush=True)
     try:
-        bench = Bench(work, args.repeat, args.data * MiB)
+        bench = Bench(work, args.repeat, args.data * MiB, fills)
         for size in sizes:
             bench.baselines(size)
         for fill in fills:
             bench.fill(fill)
-            for size in sizes:
+        for size in sizes:
+            bench.creates(size)
+            for fill in fills:
                 bench.operations(size, fill)
         print_report(bench, fills, sizes)
     finally:
