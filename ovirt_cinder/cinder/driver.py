@@ -687,15 +687,16 @@ class OvirtVolumeDriver(driver.VolumeDriver):
         if dst_sd is None:
             return False, None
         src_sd = self._sd_id(volume)
-        if src_sd != dst_sd:
-            with engine_errors(volume_id=volume.id):
-                copies = _template_copies(
-                    self._pool.image(src_sd, volume.name_id))
-                self._pool.copy_image(src_sd, volume.name_id, dst_sd,
-                                      move=True)
-            # The volume no longer links the template copy it left.
-            for tmpl_img in copies:
-                self._collect_template_copy(src_sd, tmpl_img)
+        if src_sd == dst_sd:
+            return True, _same_cluster_host(volume, host)
+        with engine_errors(volume_id=volume.id):
+            copies = _template_copies(
+                self._pool.image(src_sd, volume.name_id))
+            self._pool.copy_image(src_sd, volume.name_id, dst_sd,
+                                  move=True)
+        # The volume no longer links the template copy it left.
+        for tmpl_img in copies:
+            self._collect_template_copy(src_sd, tmpl_img)
         return True, None
 
     def retype(self, context: Any, volume: Any, new_type: Any, diff: Any,
@@ -915,6 +916,22 @@ def _not_a_cow_base(tmpl: Any, image_meta: dict) -> str | None:
     declared = image_meta.get("disk_format")
     if declared != real:
         return f"disk_format is {declared}, its content is {real}"
+    return None
+
+
+def _same_cluster_host(volume: Any, host: dict) -> dict | None:
+    """The model update of a volume that stays in its domain.
+
+    Within one Cinder cluster (active-active) the scheduler names one of
+    the cluster's services as the target of a retype or migration, and
+    Cinder would record that service as the volume's ``host``: a volume
+    whose data did not move would then seem to have moved. It keeps its
+    host; any service of the cluster serves it."""
+    cluster = host.get("cluster_name")
+    if cluster and volume.cluster_name and (
+            volume_utils.extract_host(cluster, "backend")
+            == volume_utils.extract_host(volume.cluster_name, "backend")):
+        return {"host": volume.host}
     return None
 
 

@@ -364,6 +364,28 @@ def test_clustered_services_serve_one_pool(cinder_conf, ctx, images,
     assert leaf(first, volume).meta.capacity == 2 * GiB
     verify(first, volume, 0, 0x52)
 
+    # A retype in place through the other service (to a type that
+    # differs, so that Cinder asks the driver): the scheduler named
+    # host-b, the volume did not move and keeps its host.
+    new_type = objects.VolumeType(ctx, name=f"t-{uuid.uuid4()}",
+                                  extra_specs={"tier": "gold"},
+                                  is_public=True,
+                                  projects=[], description="")
+    new_type.create()
+    volume.refresh()
+    volume.status, volume.previous_status = "retyping", "available"
+    volume.save()
+    caps = second.driver.get_volume_stats(refresh=True)["pools"][0]
+    second.retype(ctx, volume, new_type.id, {
+        "host": f"host-b@{BACKEND}#{sd_id}",
+        "cluster_name": f"{cluster}#{sd_id}", "capabilities": caps},
+        migration_policy="never")
+    volume.refresh()
+    assert volume.status == "available"
+    assert volume.volume_type_id == new_type.id
+    assert volume.host == f"host-a@{BACKEND}#{sd_id}"
+    verify(first, volume, 0, 0x52)
+
     second.delete_snapshot(ctx, snap)
     verify(first, volume, 0, 0x52)
     first.delete_volume(ctx, volume)

@@ -995,3 +995,24 @@ def test_periodic_recovery_runs_every_interval(config, storage, mounts,
     finally:
         d._stop_recovery()
     assert d._recovery is None
+
+
+@pytest.mark.parametrize("target_cluster,kept", [
+    ("cluster@ovirt1", True), ("other@ovirt1", False), (None, False)])
+def test_retype_in_place_keeps_the_host_within_a_cluster(
+        drv, ctx, sd1, target_cluster, kept):
+    # Cinder records the scheduler's pick among a cluster's services as
+    # the volume's host unless the driver says otherwise: a volume that
+    # did not move keeps its host.
+    volume = new_volume(ctx, sd1, cluster_name="cluster@ovirt1")
+    volume.host = f"a@ovirt1#{sd1}"
+    drv.create_volume(volume)
+    write(drv, volume, 0, 0x19)
+    caps = drv.get_volume_stats(refresh=True)["pools"][0]
+    host = {"host": f"b@ovirt1#{sd1}", "cluster_name": target_cluster,
+            "capabilities": caps}
+    update = {"host": volume.host} if kept else None
+    assert drv.retype(ctx, volume, None, {}, host) == (True, update)
+    assert drv.migrate_volume(ctx, volume, host) == (True, update)
+    assert drv.pool.find_image(volume.name_id) == sd1
+    verify(drv, volume, 0, 0x19)
