@@ -103,13 +103,20 @@ def wait(args: argparse.Namespace) -> None:
 
 
 def types(args: argparse.Namespace) -> None:
+    """A volume type per backend (``backend[:availability zone]``), whose
+    volumes go to that backend (and zone)."""
     conn = _connect()
-    have = {t.name for t in conn.block_storage.types()}
-    for backend in args.backends:
-        if backend not in have:
-            conn.block_storage.create_type(
-                name=backend,
-                extra_specs={"volume_backend_name": backend})
+    have = {t.name: t for t in conn.block_storage.types()}
+    for arg in args.backends:
+        backend, _, zone = arg.partition(":")
+        specs = {"volume_backend_name": backend}
+        if zone:
+            specs["RESKEY:availability_zones"] = zone
+        vtype = have.get(backend)
+        if vtype is None:
+            conn.block_storage.create_type(name=backend, extra_specs=specs)
+        elif any(vtype.extra_specs.get(k) != v for k, v in specs.items()):
+            conn.block_storage.update_type_extra_specs(vtype, **specs)
 
 
 def main() -> None:
@@ -130,7 +137,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=180)
     p.set_defaults(func=wait)
     p = sub.add_parser("types")
-    p.add_argument("backends", nargs="+")
+    p.add_argument("backends", nargs="+", metavar="BACKEND[:ZONE]")
     p.set_defaults(func=types)
     args = parser.parse_args()
     args.func(args)

@@ -24,7 +24,10 @@ directory) and three cinder-volume services:
   (its daemon, host id 1). The cluster has a backend of its own because
   Cinder cannot address one pool of a clustered backend (a migration to
   ``cluster@backend#pool`` loses the pool), which the walkthrough and
-  Tempest do between ovirt1's two domains.
+  Tempest do between ovirt1's two domains. The cluster is the
+  availability zone ``ovirt-cluster``, which only the volume type
+  ``ovirt3`` asks for: Tempest's types without a backend stay on ovirt1
+  and ovirt2.
 
 Volumes are served with ``ovirt_export_protocol = local`` (this cloud has
 no Nova and the machine no kernel iSCSI initiator); Cinder's
@@ -99,6 +102,13 @@ LOCKS = os.path.join(STORAGE, "locks")
 # The storage hosts of the cluster serving CLUSTERED: name -> host id.
 VOLUME_HOSTS = {"a": 1, "b": 2}
 CLUSTER = "ovirt"
+# The cluster's availability zone: only volumes of the type ovirt3 (whose
+# RESKEY:availability_zones names it) go there, so that volume types
+# without a backend (Tempest's own) stay on the single-host backends.
+# Cinder records the scheduler's pick among a cluster's services as the
+# host of a volume retyped in place, which Tempest's retype tests take
+# for a move.
+CLUSTER_AZ = "ovirt-cluster"
 # sanlock declares a killed host dead after 8 x io_timeout + 60 s; 5 s
 # keeps renewals safe on a loaded 2-core machine.
 IO_TIMEOUT = 5
@@ -643,7 +653,8 @@ def cinder_conf() -> str:
     for host, host_id in VOLUME_HOSTS.items():
         write_ini(volume_conf(host), {
             "DEFAULT": {"host": f"cloud-{host}", "cluster": CLUSTER,
-                        "enabled_backends": CLUSTERED},
+                        "enabled_backends": CLUSTERED,
+                        "storage_availability_zone": CLUSTER_AZ},
             CLUSTERED: {"ovirt_host_id": host_id}})
     return CINDER_CONF
 
@@ -768,7 +779,8 @@ def up(args: argparse.Namespace) -> None:
     start_cinder()
     wait_volume_services()
     run([vbin("python"), os.path.join(HERE, "bootstrap.py"), "types",
-         *POOLS], env=openrc_env())
+         *(f"{name}:{CLUSTER_AZ}" if name == CLUSTERED else name
+           for name in POOLS)], env=openrc_env())
     log(f"up: source {os.path.relpath(os.path.join(STATE, 'openrc'))}; "
         f"logs in {os.path.relpath(LOG)}")
 
