@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 
@@ -18,6 +19,7 @@ from ovirt_cinder.storage import constants as sc
 __all__ = [
     "atomic_write", "fsync_dir", "create_sparse", "remove_file",
     "remove_tree", "allocated_bytes", "supports_reflink",
+    "supports_direct_io",
 ]
 
 FICLONE = 0x40049409
@@ -120,3 +122,28 @@ def supports_reflink(directory: str) -> bool:
     finally:
         remove_file(src)
         remove_file(dst)
+
+
+# A direct write of this size and alignment suits 512 and 4K sectors.
+DIRECT_IO_BLOCK = 4096
+
+
+def supports_direct_io(directory: str) -> bool:
+    """Probe whether files in ``directory`` take O_DIRECT writes (tmpfs
+    before Linux 6.6 and some FUSE filesystems refuse them)."""
+    path = os.path.join(directory, sc.TEMP_PREFIX + "direct-io")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_DIRECT, 0o600)
+        try:
+            with mmap.mmap(-1, DIRECT_IO_BLOCK) as block:  # page-aligned
+                os.write(fd, block)
+        finally:
+            os.close(fd)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    finally:
+        remove_file(path)

@@ -26,6 +26,14 @@ Behaviour worth knowing (qemu-img 7.2):
   chain (base data and zeros) into the target's top layer. qemu-img also
   accepts ``-n -B`` into a raw target, silently leaving the base data out,
   so a backing is refused (ValueError) unless the target is qcow2.
+- ``convert``'s default target cache mode is ``unsafe``: qemu-img never
+  flushes the target, and a copy it reports done may be lost with the
+  page cache. A copy that must survive a power loss passes
+  ``cache="none"`` (O_DIRECT writes, then one ``fdatasync`` when qemu-img
+  closes the target; also with ``copy_offload``) or ``"writeback"`` (page
+  cache, ``fdatasync`` at close). ``unordered_writes`` (``-W``) lets its
+  coroutines write as soon as they have read, out of order: for a target
+  nobody reads before the copy ends.
 - ``progress`` callbacks run the command with ``-p`` and parse the
   ``(NN.NN/100%)`` updates qemu-img writes to stdout (separated by ``\\r``);
   the callback gets each new, larger percentage (qemu-img ends with 100).
@@ -220,6 +228,7 @@ def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
             create: bool = True, target_is_zero: bool = False,
             copy_offload: bool = False, preallocation: str | None = None,
             compat: str = "1.1", cache: str | None = None,
+            unordered_writes: bool = False,
             progress: Progress | None = None,
             stall_timeout: float | None = None) -> None:
     """Copy ``src`` into ``dst`` (sparse).
@@ -229,7 +238,9 @@ def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
     with ``create=False`` ``dst`` must already have that backing file.
     ``target_is_zero`` needs ``create=False`` and no backing; ``-o``
     options (``compat``, ``preallocation``) apply only when creating.
-    ``cache`` is the target cache mode (``-t``, e.g. ``"none"``).
+    ``cache`` is the target cache mode (``-t``; qemu-img's default,
+    ``unsafe``, never flushes: see the module docstring);
+    ``unordered_writes`` passes ``-W``.
     """
     _check_backing(backing, backing_fmt)
     _check_preallocation(preallocation)
@@ -250,6 +261,8 @@ def convert(src: str, dst: str, *, src_fmt: str, dst_fmt: str,
         args.append("-C")
     if cache is not None:
         args += ["-t", cache]
+    if unordered_writes:
+        args.append("-W")
     args += [src, dst]
     _run_data(args, progress, stall_timeout)
 

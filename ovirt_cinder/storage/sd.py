@@ -125,6 +125,7 @@ class FileDomain:
         # Who owns what the engine creates here (the pool sets it).
         self.ownership = Ownership()
         self._reflink: bool | None = None
+        self._direct_io: bool | None = None
 
     def __repr__(self) -> str:
         return f"<FileDomain {self.sd_id} at {self.path}>"
@@ -250,6 +251,12 @@ class FileDomain:
     def sdm_lease_offset(self) -> int:
         """Where the SDM resource is in ``dom_md/leases``."""
         return sc.SDM_LEASE_SLOT * self.metadata.alignment
+
+    def supports_direct_io(self) -> bool:
+        """Whether volume files here take O_DIRECT writes (probed once)."""
+        if self._direct_io is None:
+            self._direct_io = fileutil.supports_direct_io(self.images_dir)
+        return self._direct_io
 
     # Writing primitives (callers hold the domain lease)
 

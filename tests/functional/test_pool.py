@@ -230,6 +230,44 @@ def test_clone(pool, sd_id, fmt):
     verify_leaf(pool, sd_id, img, 3)
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("prealloc", list(sc.Preallocation))
+def test_clone_from_snapshot_is_durable(pool, sd_id, monkeypatch, fmt,
+                                        prealloc, direct_io):
+    """The copy flushes its target before the volume becomes LEGAL
+    (O_DIRECT where the domain takes it, else the page cache and
+    fdatasync), writes out of order, and keeps sparse volumes sparse
+    and preallocated ones allocated."""
+    dom = pool.master
+    if direct_io and not dom.supports_direct_io():
+        pytest.skip("no O_DIRECT on this filesystem")
+    dom._direct_io = direct_io
+    img, snaps = build_chain(pool, sd_id, fmt)
+    copies = []
+    convert = qemuimg.convert
+
+    def spy(*args, **kwargs):
+        copies.append(kwargs)
+        convert(*args, **kwargs)
+
+    monkeypatch.setattr(qemuimg, "convert", spy)
+    new = uid()
+    vol = pool.clone(sd_id, img, new, snap_id=snaps[1], fmt=fmt,
+                     prealloc=prealloc)
+    [kwargs] = copies
+    assert kwargs["cache"] == ("none" if direct_io else "writeback")
+    assert kwargs["unordered_writes"]
+    verify_leaf(pool, sd_id, new, 1)
+    qemuio.verify_zero(vol.path, vol.qemu_format, 2 * MiB, SIZE - 2 * MiB)
+    allocated = os.stat(vol.path).st_blocks * 512
+    if prealloc == sc.Preallocation.PREALLOCATED:
+        assert allocated >= SIZE
+    else:
+        assert allocated < 4 * MiB
+    assert leftovers(dom.path) == []
+
+
 def make_template(pool, sd_id, tmp_path, size=SIZE):
     src = str(tmp_path / "src.raw")
     qemuimg.create(src, "raw", size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import textwrap
 import pytest
 
 from ovirt_cinder.storage import errors
+from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import qemuimg
 from ovirt_cinder.storage.constants import GiB
 from ovirt_cinder.storage.constants import KiB
@@ -308,6 +310,116 @@ def test_convert_cache_none(tmp_path):
     dst = str(tmp_path / "dst")
     qemuimg.convert(src, dst, src_fmt="raw", dst_fmt="qcow2", cache="none")
     qemuio.verify_pattern(dst, "qcow2", 0, MiB, 0x42)
+
+
+def wide_chain(tmp_path, base_fmt):
+    """64M: base 0xaa at 0-8M; top 0xbb at 16M-18M and 1M of zeros at
+    4M (hiding base data). The view holds 9M of data."""
+    base = image(tmp_path, "base", base_fmt, 64 * MiB)
+    qemuio.write_pattern(base, base_fmt, 0, 8 * MiB, 0xaa)
+    top = image(tmp_path, "top", "qcow2", None, backing=base,
+                backing_fmt=base_fmt)
+    qemuio.write_pattern(top, "qcow2", 16 * MiB, 2 * MiB, 0xbb)
+    qemuio.write_zeroes(top, "qcow2", 4 * MiB, MiB)
+    return top
+
+
+def same_view(a, a_fmt, b, b_fmt):
+    """Whether ``qemu-img compare`` finds the two guest views equal."""
+    proc = subprocess.run(["qemu-img", "compare", "-f", a_fmt, "-F", b_fmt,
+                           a, b], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
+
+
+def caches(tmp_path):
+    """Flushing cache modes this filesystem takes."""
+    found = ["writeback"]
+    if fileutil.supports_direct_io(str(tmp_path)):
+        found.append("none")
+    return found
+
+
+@pytest.mark.parametrize("base_fmt", FORMATS)
+@pytest.mark.parametrize("dst_fmt", FORMATS)
+def test_convert_durable_unordered(tmp_path, base_fmt, dst_fmt):
+    """What copies into volumes run: a flushing cache mode and -W; the
+    view is copied exactly and the target stays sparse."""
+    top = wide_chain(tmp_path, base_fmt)
+    for cache in caches(tmp_path):
+        dst = str(tmp_path / f"dst-{cache}")
+        qemuimg.convert(top, dst, src_fmt="qcow2", dst_fmt=dst_fmt,
+                        cache=cache, unordered_writes=True)
+        assert same_view(top, "qcow2", dst, dst_fmt)
+        qemuio.verify_pattern(dst, dst_fmt, 0, 4 * MiB, 0xaa)
+        qemuio.verify_zero(dst, dst_fmt, 4 * MiB, MiB)
+        qemuio.verify_pattern(dst, dst_fmt, 5 * MiB, 3 * MiB, 0xaa)
+        qemuio.verify_zero(dst, dst_fmt, 8 * MiB, 8 * MiB)
+        qemuio.verify_pattern(dst, dst_fmt, 16 * MiB, 2 * MiB, 0xbb)
+        qemuio.verify_zero(dst, dst_fmt, 18 * MiB, 46 * MiB)
+        assert qemuimg.allocated_bytes(dst, fmt=dst_fmt) == 9 * MiB
+        assert fileutil.allocated_bytes(dst) < 16 * MiB
+
+
+@pytest.mark.parametrize("dst_fmt", FORMATS)
+def test_convert_durable_unordered_preallocated(tmp_path, dst_fmt):
+    top = wide_chain(tmp_path, "raw")
+    for cache in caches(tmp_path):
+        dst = str(tmp_path / f"dst-{cache}")
+        qemuimg.convert(top, dst, src_fmt="qcow2", dst_fmt=dst_fmt,
+                        preallocation="falloc", cache=cache,
+                        unordered_writes=True)
+        assert same_view(top, "qcow2", dst, dst_fmt)
+        # The whole virtual size is allocated, zeros included.
+        assert fileutil.allocated_bytes(dst) >= 64 * MiB
+
+
+@pytest.fixture
+def traced_qemu_img(tmp_path, monkeypatch):
+    """Run qemu-img under strace; return the file listing its flushes."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    log = tmp_path / "flushes"
+    wrapper = tmp_path / "qemu-img"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        exec {strace} -f -qq -e trace=fdatasync,fsync -o {log} \\
+            qemu-img "$@"
+        """))
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(qemuimg, "QEMU_IMG", str(wrapper))
+    return log
+
+
+@pytest.mark.parametrize("cache,flushes", [
+    (None, False), ("writeback", True), ("none", True)])
+def test_convert_flushes_target(tmp_path, traced_qemu_img, cache, flushes):
+    """qemu-img's own default (unsafe) never flushes the target."""
+    if cache not in (None, *caches(tmp_path)):
+        pytest.skip("no O_DIRECT here")
+    src = image(tmp_path, "src", "raw", 4 * MiB)
+    qemuio.write_pattern(src, "raw", 0, MiB, 0x42)
+    qemuimg.convert(src, str(tmp_path / "dst"), src_fmt="raw",
+                    dst_fmt="raw", cache=cache, unordered_writes=True)
+    calls = traced_qemu_img.read_text()
+    assert ("fdatasync(" in calls or "fsync(" in calls) == flushes, calls
+
+
+def test_supports_direct_io(tmp_path, monkeypatch):
+    assert isinstance(fileutil.supports_direct_io(str(tmp_path)), bool)
+    assert os.listdir(tmp_path) == []
+
+    def refuse(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", refuse)
+    assert not fileutil.supports_direct_io(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_convert_progress(tmp_path):
