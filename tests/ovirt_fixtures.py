@@ -71,8 +71,12 @@ def view_sha256(path: str, fmt: str) -> str:
 def downgrade(dom, version: int) -> None:
     """Rewrite ``dom`` (a V5 domain the engine made, 512 / 1 MiB) as a V3
     or V4 domain: its metadata, and every volume record in the V4
-    format. Records are rewritten in place, so hard links stay."""
+    format. Records are rewritten in place, so hard links stay. The
+    engine's counters go too: oVirt keeps none."""
     md = dom.metadata.replace(version=version)
+    counters = dom.dom_md(sc.COUNTERS)
+    if os.path.exists(counters):
+        os.unlink(counters)
     with open(dom.dom_md(sc.METADATA), "wb") as f:
         f.write(sdmeta.format_metadata(md))
     dom.metadata = md

@@ -27,7 +27,9 @@ bug here. Sanlock areas are read by the ``sanlock`` program itself.
     a valid index at 1 x ALIGNMENT: magic, version ``0001``, the sd id,
     a numeric mtime, not updating; 3960 well-formed records.
 ``dom_md/inbox``, ``outbox``
-    16 MiB each.
+    16 MiB each. vdsm opens the files of ``dom_md`` by name and never
+    lists it: any other name (the engine's ``ovirt-cinder-counters``) is
+    ignored; this check allows that one.
 ``images/<img>/<vol>``
     data, ``.meta`` (at most 512 bytes, ``DOMAIN`` the sd id, ending
     with ``EOF``) and ``.lease``: the resource ``<vol>`` of lockspace sd
@@ -57,6 +59,8 @@ import stat
 import subprocess
 
 MiB = 1024 * 1024
+# Not oVirt's: the engine's counters (ovirt_cinder/storage/counters.py).
+COUNTERS = "ovirt-cinder-counters"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                      r"[0-9a-f]{12}$")
 FILE_TYPES = {"NFS", "POSIXFS", "GLUSTERFS", "LOCALFS"}
@@ -320,6 +324,10 @@ def check_domain(path: str, *, owner: int | None = None,
         dirs.append(os.path.join(path, "master"))
     files = [os.path.join(dom_md, n) for n in (
         "metadata", "ids", "leases", "xleases", "inbox", "outbox")]
+    # vdsm opens these by name and never lists dom_md (fileSD.py), so
+    # the engine's own counters file may sit next to them.
+    if os.path.exists(os.path.join(dom_md, COUNTERS)):
+        files.append(os.path.join(dom_md, COUNTERS))
     if sorted(os.listdir(dom_md)) != sorted(os.path.basename(f)
                                             for f in files):
         problems.append(f"dom_md holds {sorted(os.listdir(dom_md))}")

@@ -944,16 +944,10 @@ def _template_copies(tree: Any) -> list[str]:
 
 
 def _provisioned(pool: StoragePool, sd_id: str) -> int:
-    """Sum of the virtual sizes of the images of a domain."""
-    total = 0
-    for img_id in pool.list_images(sd_id):
-        try:
-            tree = pool.image(sd_id, img_id)
-            vol = tree.template() or tree.leaf()
-        except errors.StorageError:
-            continue
-        total += vol.meta.capacity
-    return total
+    """Sum of the virtual sizes of the images of a domain (of each
+    template's, else its leaf's), from the domain's counters: one small
+    read, whatever the number of images (a scan when they are bad)."""
+    return pool.domain_counters(sd_id).provisioned
 
 
 @contextlib.contextmanager

@@ -23,7 +23,10 @@ Lease scope: every metadata change runs under the domain's SDM lease
 rebase, resize) runs outside it, under the image lease the caller holds
 for the whole operation. A step that acts on a plan made earlier checks
 it under the SDM lease first (``expect``) and raises
-:class:`errors.StalePlan` when another host changed the volume.
+:class:`errors.StalePlan` when another host changed the volume. A change
+to an image's metadata (or to the set of images) is counted in the
+domain's counters in the same critical section (``ctx.counted``, see
+:mod:`counters`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import image
@@ -86,6 +90,18 @@ class Context:
     def sdm(self, dom: sd.FileDomain) -> Iterator[sd.FileDomain]:
         """Hold ``dom``'s SDM lease around a metadata change."""
         with self.leases.domain_lease(dom):
+            yield dom
+
+    @contextlib.contextmanager
+    def counted(self, dom: sd.FileDomain, img_id: str,
+                staged: bool = False) -> Iterator[sd.FileDomain]:
+        """Hold ``dom``'s SDM lease around a metadata change of image
+        ``img_id``, and count the change in the domain's counters in the
+        same critical section (a ``staged`` image counts for nothing until
+        it is published)."""
+        with self.sdm(dom), contextlib.ExitStack() as stack:
+            if not staged:
+                stack.enter_context(counters.accounting(dom, img_id))
             yield dom
 
     def daemon(self, img_id: str) -> Any:
@@ -143,7 +159,7 @@ def undo_make_image_dir(ctx: Context, sd_id: str, img_id: str) -> None:
 
 
 def do_publish_image(ctx: Context, sd_id: str, img_id: str) -> None:
-    with ctx.sdm(ctx.domain(sd_id)) as dom:
+    with ctx.counted(ctx.domain(sd_id), img_id) as dom:
         tmp = dom.tmp_image_dir(img_id)
         if os.path.isdir(tmp):
             if dom.has_image(img_id):
@@ -155,7 +171,7 @@ def do_publish_image(ctx: Context, sd_id: str, img_id: str) -> None:
 
 
 def undo_publish_image(ctx: Context, sd_id: str, img_id: str) -> None:
-    with ctx.sdm(ctx.domain(sd_id)) as dom:
+    with ctx.counted(ctx.domain(sd_id), img_id) as dom:
         if dom.has_image(img_id) and not os.path.exists(
                 dom.tmp_image_dir(img_id)):
             os.rename(dom.image_dir(img_id), dom.tmp_image_dir(img_id))
@@ -166,7 +182,7 @@ def do_remove_image(ctx: Context, sd_id: str, img_id: str) -> None:
     """Hide the image (rename, under the SDM lease), then purge it."""
     dom = ctx.domain(sd_id)
     removed = dom.removed_image_dir(img_id)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id):
         if dom.has_image(img_id):
             os.rename(dom.image_dir(img_id), removed)
             fileutil.fsync_dir(dom.images_dir)
@@ -189,7 +205,7 @@ def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
     parent = parent_id or sc.BLANK_UUID
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         old = _read_meta(dom, img_id, vol_id, directory)
         if old is not None and old.legality == sc.Legality.LEGAL:
             if old.parent != parent or old.image != img_id:
@@ -208,7 +224,7 @@ def do_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
         dom.create_volume_lease(path + sc.LEASE_EXT, vol_id)
     _create_data(dom, img_id, path, meta, directory, live)
     if legal:
-        with ctx.sdm(dom):
+        with ctx.counted(dom, img_id, staged):
             dom.write_volume_meta(img_id, vol_id, meta.with_next_generation(
                 legality=sc.Legality.LEGAL), directory)
 
@@ -229,7 +245,7 @@ def undo_create_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
                        *, staged: bool = False, **_ignored: Any) -> None:
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         if os.path.isdir(directory):
             _remove_volume_files(dom, img_id, vol_id, directory)
 
@@ -261,7 +277,7 @@ def do_update_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
     """
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         meta = dom.read_volume_meta(img_id, vol_id, directory)
         if _matches(meta, changes):
             return
@@ -284,7 +300,7 @@ def undo_update_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
         return
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         meta = _read_meta(dom, img_id, vol_id, directory)
         if meta is None or not _matches(meta, changes):
             return
@@ -298,7 +314,7 @@ def do_remove_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str,
     """Remove a volume no other volume depends on (ILLEGAL first)."""
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         children = _children(dom, img_id, vol_id, directory)
         if children:
             raise errors.ChainError(
@@ -322,7 +338,7 @@ def _remove_volume_files(dom, img_id, vol_id, directory) -> None:
 def do_link_volume(ctx: Context, sd_id: str, src_img_id: str, vol_id: str,
                    img_id: str, staged: bool = True) -> None:
     """Share a template volume into another image with hard links."""
-    with ctx.sdm(ctx.domain(sd_id)) as dom:
+    with ctx.counted(ctx.domain(sd_id), img_id, staged) as dom:
         src = dom.volume_path(src_img_id, vol_id)
         dst = dom.volume_path(img_id, vol_id,
                               _image_dir(dom, img_id, staged))
@@ -341,7 +357,7 @@ def undo_link_volume(ctx: Context, sd_id: str, src_img_id: str,
                      vol_id: str, img_id: str, staged: bool = True) -> None:
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         if os.path.isdir(directory):
             _remove_volume_files(dom, img_id, vol_id, directory)
 
@@ -559,7 +575,7 @@ def do_adopt_volume(ctx: Context, sd_id: str, img_id: str, vol_id: str, *,
     dom = ctx.domain(sd_id)
     directory = _image_dir(dom, img_id, staged)
     dst = dom.volume_path(img_id, vol_id, directory)
-    with ctx.sdm(dom):
+    with ctx.counted(dom, img_id, staged):
         if not os.path.exists(src):
             if os.path.exists(dst) and _read_meta(
                     dom, img_id, vol_id, directory) is not None:
@@ -668,7 +684,8 @@ def do_convert_metadata(ctx: Context, sd_id: str) -> None:
 
 
 def do_finalize_volumes_metadata(ctx: Context, sd_id: str) -> None:
-    """Rewrite every volume record of a V5 domain in the V5 format."""
+    """Rewrite every volume record of a V5 domain in the V5 format, then
+    build the domain's counters by a scan (an oVirt domain has none)."""
     dom = ctx.domain(sd_id)
     with ctx.sdm(dom):
         version = _disk_metadata(dom).version
@@ -677,6 +694,8 @@ def do_finalize_volumes_metadata(ctx: Context, sd_id: str) -> None:
             operation="finalize volume metadata",
             reason=f"domain {sd_id} is V{version}, not V5")
     _rewrite_volumes(ctx, dom, _v5_record)
+    with ctx.sdm(dom):
+        counters.rebuild(dom)
 
 
 def _v5_record(data: bytes, meta: volmeta.VolumeMetadata,

@@ -59,6 +59,9 @@ SPECIAL_FILES = {
     "inbox": INBOX_SIZE,
     "outbox": OUTBOX_SIZE,
 }
+# Ours, not vdsm's (vdsm opens the files of dom_md by name and never lists
+# it): the domain's counters, see counters.py.
+COUNTERS = "ovirt-cinder-counters"
 META_EXT = ".meta"
 LEASE_EXT = ".lease"
 NEW_EXT = ".new"

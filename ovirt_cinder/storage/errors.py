@@ -53,6 +53,13 @@ class UnsupportedVersion(MetadataError):
     msg = "Unsupported domain version {version} in {path}"
 
 
+class BadCounters(StorageError):
+    """A domain's counters record that is missing or cannot be trusted
+    (see counters.py): it is rebuilt by a scan, never used."""
+
+    msg = "Counters of storage domain {sd_id} in {path}: {reason}"
+
+
 class DomainNotFound(StorageError):
     msg = "Storage domain {sd_id} not found"
 

@@ -34,11 +34,15 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes, mode: int = sc.FILE_MODE, *,
-                 uid: int = -1, gid: int = -1) -> None:
+                 uid: int = -1, gid: int = -1, sync: bool = True) -> None:
     """Publish ``data`` at ``path`` via ``path.new`` + fsync + rename.
 
     The file gets ``mode`` whatever the umask, and the owner ``uid`` and
     group ``gid`` (-1: as the process creates it) before it is renamed.
+    ``sync=False`` skips both fsyncs: the rename still gives readers the
+    old or the new content, but after a power loss the file may hold
+    the old content, or a new one not written out (only for data that
+    carries its own checksum and can be rebuilt: counters.py).
     """
     tmp = path + sc.NEW_EXT
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -46,7 +50,8 @@ def atomic_write(path: str, data: bytes, mode: int = sc.FILE_MODE, *,
         try:
             _set_owner_mode(fd, mode, uid, gid)
             _write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -54,7 +59,8 @@ def atomic_write(path: str, data: bytes, mode: int = sc.FILE_MODE, *,
         # ENOSPC, EIO: the old content stays and nothing is left behind.
         remove_file(tmp)
         raise
-    fsync_dir(os.path.dirname(path) or ".")
+    if sync:
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 def _write_all(fd: int, data: bytes) -> None:

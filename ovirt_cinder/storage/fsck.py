@@ -21,6 +21,10 @@ What is reported (``Problem.kind``):
                       domains being built, uploads being staged),
                       ``_remove_me_*`` (images being removed), ``*.new``
                       (metadata being written)
+``counters``          a V5 domain's counters (:mod:`counters`) missing,
+                      damaged, or other than a scan of its images finds;
+                      repair rewrites them from a scan under the domain
+                      lease
 
 Every problem says whether repair would act on it: ``garbage`` (repair
 removes it) or ``quarantine`` (repair moves it aside, see below); anything
@@ -57,7 +61,9 @@ otherwise whole image is *quarantined*: moved, with its lease, to
 inspect and remove.
 
 Repair first finishes or reverts unfinished flows (``pool.recover``) and
-sweeps the logbook's stale temporary files. Then, for each finding it may
+sweeps the logbook's stale temporary files. What it removes or moves
+from an image directory is counted in the domain's counters; counters
+found off are rewritten last. Then, for each finding it may
 act on, it takes the image's lease (the one every operation on the image
 holds for its whole run) and the domain lease, checks the finding again
 under them (metadata re-read, the image not busy now, the domain metadata
@@ -78,6 +84,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import image
@@ -306,7 +313,60 @@ def _check_domain(dom, work: _Work) -> list[_Finding]:
         except (OSError, errors.StorageError) as e:
             found.append(_Finding(_unreadable(dom, dom.image_dir(img_id),
                                               e, img_id)))
+    if frozen is None:
+        try:
+            problem = _counters_problem(dom)
+        except (OSError, errors.StorageError) as e:
+            LOG.warning("Counters of domain %s not checked: %s",
+                        dom.sd_id, e)
+            problem = None
+        if problem is not None:
+            found.append(_Finding(problem))
     return found
+
+
+def _counters_problem(dom, tries: int = 4) -> Problem | None:
+    """The domain's counters record against a scan of its images.
+
+    Without a lease, operations may change both meanwhile: the record is
+    read before and after each scan, and a difference is reported only
+    when two scans in a row find the same one under an unchanged record.
+    A V3 or V4 domain has none (it gets them when upgraded).
+    """
+    if dom.metadata.version < sc.DOMAIN_VERSION:
+        return None
+    path = dom.dom_md(sc.COUNTERS)
+    seen = None
+    for _ in range(tries):
+        try:
+            before = counters.read(dom)
+        except errors.BadCounters as e:
+            return Problem(kind="counters", sd_id=dom.sd_id, path=path,
+                           detail=f"{e.reason}; repair rebuilds them by a "
+                           "scan", garbage=True)
+        scanned = counters.scan(dom)
+        try:
+            after = counters.read(dom)
+        except errors.BadCounters:
+            after = None
+        if after != before:
+            seen = None         # written during the scan: again
+            continue
+        if before.counters == scanned:
+            return None
+        if seen == (before, scanned):
+            return Problem(
+                kind="counters", sd_id=dom.sd_id, path=path,
+                detail=f"the record holds {_describe(before.counters)}, "
+                f"the images {_describe(scanned)}; repair rewrites it",
+                garbage=True)
+        seen = (before, scanned)
+    return None                 # ever changing: operations are running
+
+
+def _describe(c: counters.Counters) -> str:
+    return (f"{c.images} images, {c.volumes} volumes, {c.provisioned} "
+            "bytes provisioned")
 
 
 def _unreadable(dom, path: str, e: Exception,
@@ -643,7 +703,9 @@ def repair(pool) -> Report:
     left: dict[tuple[str, str, str | None], str] = {}
     stamp = datetime.datetime.now(datetime.UTC).strftime(
         "%Y%m%dT%H%M%S.%fZ")
-    for finding in _check(pool):
+    # Counters last: the other repairs may change what they count.
+    for finding in sorted(_check(pool),
+                          key=lambda f: f.problem.kind == "counters"):
         if finding.action is None:
             continue
         try:
@@ -679,12 +741,17 @@ def _repair_one(pool, finding: _Finding, stamp: str) -> Problem | None:
     return what was done (None: it changed, nothing done)."""
     problem = finding.problem
     dom = pool.domains[problem.sd_id]
+    if problem.kind == "counters":
+        return _repair_counters(pool, dom, problem)
     with contextlib.ExitStack() as stack:
         if finding.lease_img is not None:
             stack.enter_context(pool.lease_manager.image_lease(
                 dom, finding.lease_img))
         stack.enter_context(pool.lease_manager.domain_lease(dom))
         current = _recheck(pool, dom, finding)
+        if current is not None and current.problem.img_id is not None:
+            stack.enter_context(counters.accounting(
+                dom, current.problem.img_id))
         if current is None:
             LOG.info("Not repairing %s %s: it changed", problem.kind,
                      problem.path)
@@ -698,6 +765,21 @@ def _repair_one(pool, finding: _Finding, stamp: str) -> Problem | None:
         _remove(dom, current.problem)
         LOG.info("Removed %s %s", problem.kind, problem.path)
         return current.problem
+
+
+def _repair_counters(pool, dom, problem: Problem) -> Problem | None:
+    """Rewrite the domain's counters from a scan under its lease (None:
+    they were right by then)."""
+    with pool.lease_manager.domain_lease(dom):
+        if _domain_metadata_problem(dom) is not None:
+            return None
+        old, new = counters.rebuild(dom)
+    if old is not None and old.counters == new:
+        return None
+    LOG.warning("Rewrote the counters of domain %s: %s", dom.sd_id,
+                _describe(new))
+    return dataclasses.replace(
+        problem, detail=f"{problem.detail}; now {_describe(new)}")
 
 
 def _recheck(pool, dom, finding: _Finding) -> _Finding | None:

@@ -39,6 +39,7 @@ from typing import Any
 from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import attach
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
@@ -183,6 +184,10 @@ class StoragePool:
             md = sd.FileDomain.open(dom.path).metadata
             self._check_attachable(md, force)
             dom.write_metadata(sdmeta.attached(md, self.pool_id))
+            # oVirt keeps no counters: built by a scan (a V3 or V4
+            # domain gets them when it is upgraded).
+            if md.version >= sc.DOMAIN_VERSION:
+                counters.rebuild(dom)
         LOG.info("Attached storage domain %s (V%d, was pool %r) to pool "
                  "%s", dom.sd_id, md.version, md.pool_id, self.pool_id)
         self.domains[dom.sd_id] = dom
@@ -344,9 +349,32 @@ class StoragePool:
                 current = self.runner.load(pending.book_id)
                 if current is None:
                     return flows.states.SUCCESS
-                return self.runner.recover(current, self.context)
+                outcome = self.runner.recover(current, self.context)
+                self._rebuild_counters(current)
+                return outcome
         except errors.LeaseTimeout:
             return flows.BUSY
+
+    def _rebuild_counters(self, pending: flows.Pending) -> None:
+        """Rebuild, by a scan under the domain lease, the counters of the
+        domains a recovered flow names: its owner may have died between
+        a metadata change and its count (a step run again finds its
+        change done and counts nothing)."""
+        names = set(pending.domains) | {s for s, _ in pending.images}
+        for sd_id in sorted(names):
+            dom = self.domains[sd_id]
+            try:
+                with self.lease_manager.domain_lease(dom):
+                    old, new = counters.rebuild(dom)
+            except (OSError, errors.StorageError) as e:
+                LOG.warning("Counters of storage domain %s not rebuilt "
+                            "after recovering flow %s: %s", sd_id,
+                            pending.book_id, e)
+                continue
+            if old is not None and old.counters != new:
+                LOG.warning("Counters of storage domain %s were off after "
+                            "flow %s: %s, rebuilt as %s", sd_id,
+                            pending.book_id, old.counters, new)
 
     def _refusal(self, pending: flows.Pending) -> str | None:
         if pending.problem:
@@ -446,6 +474,12 @@ class StoragePool:
 
     def list_images(self, sd_id: str) -> list[str]:
         return self.domain(sd_id).list_images()
+
+    def domain_counters(self, sd_id: str) -> counters.Counters:
+        """The images, volumes and provisioned bytes of a domain, from
+        its counters record (no lease: one small read); a scan of its
+        images when the record is missing or bad (see :mod:`counters`)."""
+        return counters.current(self.domain(sd_id))
 
     def image(self, sd_id: str, img_id: str) -> image.ImageTree:
         dom = self.domain(sd_id)

@@ -11,6 +11,10 @@ a POSIX or NFS mount point that someone else mounted)::
                                    1 x ALIGNMENT (xlease)
     <sd_id>/dom_md/inbox, outbox   16 MiB each (sparse), kept for
                                    compatibility
+    <sd_id>/dom_md/ovirt-cinder-counters
+                                   ours: the domain's image, volume and
+                                   provisioned-byte counts (counters;
+                                   vdsm never lists dom_md)
     <sd_id>/images/<img>/<vol>     volume data, raw or qcow2
     <sd_id>/images/<img>/<vol>.meta   volume metadata (volmeta)
     <sd_id>/images/<img>/<vol>.lease  sanlock resource <vol> at 0
@@ -47,6 +51,7 @@ import pwd
 import time
 
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
 from ovirt_cinder.storage import sanlock_direct
@@ -247,16 +252,16 @@ class FileDomain:
             self._reflink = fileutil.supports_reflink(self.images_dir)
         return self._reflink
 
-    @property
-    def sdm_lease_offset(self) -> int:
-        """Where the SDM resource is in ``dom_md/leases``."""
-        return sc.SDM_LEASE_SLOT * self.metadata.alignment
-
     def supports_direct_io(self) -> bool:
         """Whether volume files here take O_DIRECT writes (probed once)."""
         if self._direct_io is None:
             self._direct_io = fileutil.supports_direct_io(self.images_dir)
         return self._direct_io
+
+    @property
+    def sdm_lease_offset(self) -> int:
+        """Where the SDM resource is in ``dom_md/leases``."""
+        return sc.SDM_LEASE_SLOT * self.metadata.alignment
 
     # Writing primitives (callers hold the domain lease)
 
@@ -353,8 +358,9 @@ def create_domain(mount: str, *, sd_id: str, pool_id: str,
     lease areas are written as vdsm writes them (module doc): the
     lockspace ``sd_id`` in ``ids`` (recording ``io_timeout``), the
     resource ``SDM`` in ``leases`` at 1 x ``alignment``, an empty
-    ``xleases`` index. Directories are 0775 and files 0660 whatever the
-    umask, owned as ``ownership`` says.
+    ``xleases`` index. Its counters (:mod:`counters`) are zero.
+    Directories are 0775 and files 0660 whatever the umask, owned as
+    ``ownership`` says.
     """
     validate.check_uuid(sd_id, "domain id")
     validate.check_uuid(pool_id, "pool id")
@@ -379,6 +385,11 @@ def create_domain(mount: str, *, sd_id: str, pool_id: str,
                                    **ownership.ids)
         _format_lease_areas(dom_md, sd_id, alignment=alignment,
                             block_size=block_size, io_timeout=io_timeout)
+        # A new domain holds nothing: its counters start at zero.
+        fileutil.atomic_write(os.path.join(dom_md, sc.COUNTERS),
+                              counters.format_record(
+                                  sd_id, counters.Counters(), 0),
+                              **ownership.ids)
         fileutil.atomic_write(os.path.join(dom_md, sc.METADATA),
                               sdmeta.format_metadata(md), **ownership.ids)
         os.rename(tmp, final)

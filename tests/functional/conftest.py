@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import pool as pool_mod
 
 
@@ -38,6 +40,14 @@ def leftovers(dom_path):
                     ".new"):
                 found.append(os.path.join(root, name))
     return found
+
+
+def assert_counters(pool):
+    """Every V5 domain's counters record holds what a scan counts."""
+    for dom in pool.domains.values():
+        if dom.metadata.version >= sc.DOMAIN_VERSION:
+            record = counters.read(dom)
+            assert record.counters == counters.scan(dom), dom.sd_id
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -31,6 +31,9 @@ The child process::
         run pool.recover(); SIGKILL when STEP reaches STATE, or, with
         STEP "progress", the process group once a copy reported STATE
         percent
+    python -m tests.functional.faults WORKDIR counters-kill OP NTH
+        run OP; SIGKILL at its NTH write of a domain's counters: after
+        the metadata change it counts, before the record is written
 
 Exit code 3: the kill point was never reached.
 """
@@ -50,6 +53,7 @@ import uuid
 
 from ovirt_cinder.storage import actions
 from ovirt_cinder.storage import constants as sc
+from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import flows
 from ovirt_cinder.storage import fsck
 from ovirt_cinder.storage import qemuimg
@@ -57,6 +61,7 @@ from ovirt_cinder.storage.pool import FLOWS_DIR
 from ovirt_cinder.storage.pool import StoragePool
 from tests import ovirt_fixtures
 from tests import qemuio
+from tests.functional.conftest import assert_counters
 from tests.listeners import listener
 
 MiB = sc.MiB
@@ -153,6 +158,27 @@ def counting_undos(counts):
     finally:
         for name, real in reals.items():
             setattr(actions, name, real)
+
+
+@contextlib.contextmanager
+def counting_writes(kill_at=None):
+    """Count the writes of domains' counters (yields a list holding the
+    count); SIGKILL this process at write number ``kill_at``."""
+    real = counters.write
+    count = [0]
+
+    @functools.wraps(real)
+    def write(*args, **kwargs):
+        count[0] += 1
+        if count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    counters.write = write
+    try:
+        yield count
+    finally:
+        counters.write = real
 
 
 def killer(task_name, state):
@@ -403,9 +429,11 @@ def state(pool):
 
 
 def check_consistent(pool):
-    """fsck clean, one legal leaf per image, no work in progress."""
+    """fsck clean, one legal leaf per image, no work in progress, and
+    counters that match a scan."""
     report = fsck.check(pool)
     assert report.clean, [p.as_dict() for p in report.problems]
+    assert_counters(pool)
     for sd_id in pool.domains:
         for img_id in pool.list_images(sd_id):
             tree = pool.image(sd_id, img_id)
@@ -440,6 +468,11 @@ def main():
         else:
             pool = open_pool(work, [killer(step, when)])
         print(pool.recover(), file=sys.stderr)
+    elif mode == "counters-kill":
+        op, nth = sys.argv[3], int(sys.argv[4])
+        pool = open_pool(work)
+        with counting_writes(kill_at=nth):
+            OPS[op](pool, ctx)
     else:
         sys.exit(f"unknown mode {mode}")
     sys.exit(3)

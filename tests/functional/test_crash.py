@@ -29,6 +29,7 @@ from ovirt_cinder.storage.pool import StoragePool
 from tests import ovirt_fixtures
 from tests import qemuio
 from tests.functional import crash_ops
+from tests.functional.conftest import assert_counters
 from tests.functional.conftest import leftovers
 
 MiB = sc.MiB
@@ -250,6 +251,7 @@ def test_crash_matrix(golden, tmp_path, op):
 
 def check_world(pool, ctx, before, report, op=None):
     assert report.clean, [p.as_dict() for p in report.problems]
+    assert_counters(pool)
     for dom in pool.domains.values():
         assert leftovers(dom.path) == []
         for img_id in dom.list_images():
