@@ -20,17 +20,17 @@ object with the options as attributes: an oslo.config group, a Cinder
 ``Configuration``, an ``argparse.Namespace``.
 
 Like the rest of the engine this module imports no Cinder or Glance code;
-the pool (and with it TaskFlow) is imported only when a pool is opened.
+the pool is imported only when a pool is opened, and with it TaskFlow
+unless the caller only reads (``open_pool(opts, engine=False)``).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
-
-from oslo_config import cfg
 
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import errors
@@ -41,11 +41,49 @@ from ovirt_cinder.storage import sd
 if TYPE_CHECKING:
     from ovirt_cinder.storage.pool import StoragePool
 
-__all__ = ["POOL_OPTS", "open_pool", "lease_manager", "ownership"]
+__all__ = ["POOL_OPTS", "DEFAULTS", "open_pool", "lease_manager",
+           "ownership"]
 
-POOL_OPTS = [
-    cfg.StrOpt("ovirt_pool_uuid",
-               help="""
+# Every option's default, the value of an option no file sets; apart
+# from the declarations so that a caller reading no file (``ovirt-storage
+# pool show`` without a configuration file) imports no oslo.config.
+DEFAULTS: dict[str, Any] = {
+    "ovirt_pool_uuid": None,
+    "ovirt_domain_paths": [],
+    "ovirt_lease_backend": "local",
+    "ovirt_host_id": 1,
+    "ovirt_io_timeout": 10,
+    "ovirt_flow_connection": "",
+    "ovirt_lease_timeout": lease.DEFAULT_LEASE_TIMEOUT,
+    "ovirt_lock_path": lease.DEFAULT_LOCK_PATH,
+    "ovirt_run_path": sc.DEFAULT_RUN_PATH,
+    "ovirt_qemu_img_timeout": 120,
+    "ovirt_copy_stall_timeout": 600,
+    "ovirt_file_owner": None,
+    "ovirt_file_group": None,
+}
+# The options (oslo.config Opt objects), made by __getattr__ on first use.
+POOL_OPTS: list[Any]
+_opts_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """:data:`POOL_OPTS`, declared on first use (with oslo.config)."""
+    if name != "POOL_OPTS":
+        raise AttributeError(f"module {__name__!r} has no attribute "
+                             f"{name!r}")
+    with _opts_lock:
+        if "POOL_OPTS" not in globals():
+            globals()["POOL_OPTS"] = _pool_opts()
+    return globals()["POOL_OPTS"]
+
+
+def _pool_opts() -> list[Any]:
+    from oslo_config import cfg
+
+    return [
+        cfg.StrOpt("ovirt_pool_uuid",
+                   help="""
 The UUID of the oVirt storage pool this service serves.
 
 The pool is found from the domains under ``ovirt_domain_paths``. When
@@ -58,8 +96,9 @@ Possible values:
 Related options:
     * ``ovirt_domain_paths``
 """),
-    cfg.ListOpt("ovirt_domain_paths", default=[],
-                help="""
+        cfg.ListOpt("ovirt_domain_paths",
+                    default=DEFAULTS["ovirt_domain_paths"],
+                    help="""
 Mount directories that hold the pool's file storage domains.
 
 Each path is a directory containing one or more domain directories
@@ -74,9 +113,10 @@ Possible values:
 Related options:
     * ``ovirt_pool_uuid``
 """),
-    cfg.StrOpt("ovirt_lease_backend", default="local",
-               choices=["local", "sanlock"],
-               help="""
+        cfg.StrOpt("ovirt_lease_backend",
+                   default=DEFAULTS["ovirt_lease_backend"],
+                   choices=["local", "sanlock"],
+                   help="""
 How metadata changes of the pool's domains are fenced.
 
 Every service sharing the pool (each Cinder backend, each Glance store
@@ -92,8 +132,9 @@ Related options:
     * ``ovirt_io_timeout``
     * ``ovirt_lease_timeout``
 """),
-    cfg.IntOpt("ovirt_host_id", default=1, min=1, max=250,
-               help="""
+        cfg.IntOpt("ovirt_host_id",
+                   default=DEFAULTS["ovirt_host_id"], min=1, max=250,
+                   help="""
 The sanlock host id of this host in the lockspace of every domain.
 
 Possible values:
@@ -103,8 +144,9 @@ Possible values:
 Related options:
     * ``ovirt_lease_backend``
 """),
-    cfg.IntOpt("ovirt_io_timeout", default=10, min=1,
-               help="""
+        cfg.IntOpt("ovirt_io_timeout",
+                   default=DEFAULTS["ovirt_io_timeout"], min=1,
+                   help="""
 The sanlock I/O timeout in seconds.
 
 Joining a domain takes about 2 x this plus 1 s; a dead host's lease is
@@ -116,8 +158,9 @@ Possible values:
 Related options:
     * ``ovirt_lease_backend``
 """),
-    cfg.StrOpt("ovirt_flow_connection", default="",
-               help="""
+        cfg.StrOpt("ovirt_flow_connection",
+                   default=DEFAULTS["ovirt_flow_connection"],
+                   help="""
 Where unfinished storage operations are recorded, so they can be finished
 or reverted after a crash.
 
@@ -133,9 +176,9 @@ Possible values:
 Related options:
     * ``ovirt_domain_paths``
 """),
-    cfg.FloatOpt("ovirt_lease_timeout", default=lease.DEFAULT_LEASE_TIMEOUT,
-                 min=1,
-                 help="""
+        cfg.FloatOpt("ovirt_lease_timeout",
+                     default=DEFAULTS["ovirt_lease_timeout"], min=1,
+                     help="""
 How long, in seconds, an operation waits for a domain or an image lease
 before it fails with a retryable error.
 
@@ -146,8 +189,9 @@ Related options:
     * ``ovirt_lease_backend``
     * ``ovirt_lock_path``
 """),
-    cfg.StrOpt("ovirt_lock_path", default=lease.DEFAULT_LOCK_PATH,
-               help="""
+        cfg.StrOpt("ovirt_lock_path",
+                   default=DEFAULTS["ovirt_lock_path"],
+                   help="""
 A host-local directory for the image locks that every process of this
 host working on the pool shares.
 
@@ -161,8 +205,9 @@ Possible values:
 Related options:
     * ``ovirt_lease_timeout``
 """),
-    cfg.StrOpt("ovirt_run_path", default=sc.DEFAULT_RUN_PATH,
-               help="""
+        cfg.StrOpt("ovirt_run_path",
+                   default=DEFAULTS["ovirt_run_path"],
+                   help="""
 A host-local directory for the state of attached volumes: one
 qemu-storage-daemon per attached volume keeps its QMP socket, pid file and
 the raw view the iSCSI target serves in ``<path>/attached/<image id>/``.
@@ -177,8 +222,9 @@ Possible values:
 Related options:
     * ``ovirt_export_protocol`` (Cinder driver)
 """),
-    cfg.FloatOpt("ovirt_qemu_img_timeout", default=120, min=1,
-                 help="""
+        cfg.FloatOpt("ovirt_qemu_img_timeout",
+                     default=DEFAULTS["ovirt_qemu_img_timeout"], min=1,
+                     help="""
 How long, in seconds, a short ``qemu-img`` command (info, create, resize,
 an unsafe rebase) may run before it is killed and the operation fails.
 
@@ -188,8 +234,9 @@ Possible values:
 Related options:
     * ``ovirt_copy_stall_timeout``
 """),
-    cfg.FloatOpt("ovirt_copy_stall_timeout", default=600, min=1,
-                 help="""
+        cfg.FloatOpt("ovirt_copy_stall_timeout",
+                     default=DEFAULTS["ovirt_copy_stall_timeout"], min=1,
+                     help="""
 How long, in seconds, a copy (``qemu-img convert``, ``commit``, a safe
 ``rebase``) may go without progress before it is killed and the operation
 fails. A copy that keeps moving data is never killed, however long it
@@ -201,8 +248,8 @@ Possible values:
 Related options:
     * ``ovirt_qemu_img_timeout``
 """),
-    cfg.StrOpt("ovirt_file_owner",
-               help="""
+        cfg.StrOpt("ovirt_file_owner",
+                   help="""
 The owner of the files and directories the engine creates in the pool's
 domains (new domains, images, volume data, metadata and leases).
 
@@ -218,8 +265,8 @@ Possible values:
 Related options:
     * ``ovirt_file_group``
 """),
-    cfg.StrOpt("ovirt_file_group",
-               help="""
+        cfg.StrOpt("ovirt_file_group",
+                   help="""
 The group of the files and directories the engine creates in the pool's
 domains. Files are mode 0660 and directories 0775 whatever the umask, so
 the group can read and write them.
@@ -231,7 +278,7 @@ Possible values:
 Related options:
     * ``ovirt_file_owner``
 """),
-]
+    ]
 
 
 def lease_manager(opts: Any) -> lease.LeaseManager:
@@ -251,17 +298,25 @@ def ownership(opts: Any) -> sd.Ownership:
 
 
 def open_pool(opts: Any, *, recover: bool = False,
-              listeners: Iterable[Callable[[Any], Any]] = ()
-              ) -> StoragePool:
+              listeners: Iterable[Callable[[Any], Any]] = (),
+              engine: bool = True) -> StoragePool:
     """Open the pool ``opts`` configures, ready for work.
 
     Builds the lease manager, opens the pool from ``ovirt_domain_paths``,
     prepares every domain's lease areas and, with ``recover``, finishes or
     reverts the unfinished operations in the logbook. ``listeners`` are
     TaskFlow listener factories passed to the pool's flow runner.
+    ``engine``: import the modules of mutating work now, in this thread
+    (:func:`pool.load_engine`), so that a service's request threads find
+    them imported; False for a caller that only reads (the CLI's
+    read-only commands), whose first mutating call would import them.
     Raises :class:`errors.StorageError` or ``OSError``.
     """
     from ovirt_cinder.storage.pool import StoragePool
+    from ovirt_cinder.storage.pool import load_engine
+
+    if engine:
+        load_engine()
 
     if not opts.ovirt_domain_paths:
         raise errors.InvalidParameter(

@@ -23,27 +23,33 @@ host serves its chain (:mod:`attach`). Its snapshot, snapshot deletion and
 extend then run live, through the daemon; a copy reads a temporary live
 snapshot; a revert, a deletion and a move are refused (``VolumeAttached``).
 doc/source/contributor/attach.rst has the whole design.
+
+Opening and reading a pool imports none of TaskFlow, oslo.privsep and
+eventlet: :func:`load_engine` imports them when the pool first runs or
+recovers a flow, exports or deals with attached images, and says why
+that import never runs in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
+import sys
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from typing import Any
 
-from ovirt_cinder.storage import actions
-from ovirt_cinder.storage import attach
 from ovirt_cinder.storage import constants as sc
 from ovirt_cinder.storage import counters
 from ovirt_cinder.storage import description
 from ovirt_cinder.storage import errors
 from ovirt_cinder.storage import fileutil
-from ovirt_cinder.storage import flows
 from ovirt_cinder.storage import image
 from ovirt_cinder.storage import lease
 from ovirt_cinder.storage import qemuimg
@@ -51,7 +57,7 @@ from ovirt_cinder.storage import sd
 from ovirt_cinder.storage import sdmeta
 from ovirt_cinder.storage import validate
 
-__all__ = ["StoragePool", "FLOWS_DIR"]
+__all__ = ["StoragePool", "FLOWS_DIR", "load_engine"]
 
 LOG = logging.getLogger(__name__)
 
@@ -60,9 +66,98 @@ FLOWS_DIR = os.path.join("ovirt-cinder", "flows")
 
 Images = Iterable[tuple[sd.FileDomain, str]]
 
-# Recovery outcomes that leave a book for a later pass, nothing done.
-_WAITING = frozenset({flows.BUSY, flows.SKIPPED})
 _LIVE_OWNER = "owned by live host"
+
+# The modules of mutating work: flows (TaskFlow and networkx), actions
+# and attach (through qsd: oslo.privsep and eventlet). Importing them
+# takes about 0.5 s that reading a pool (``ovirt-storage pool show``)
+# does not need, so load_engine() imports them when a pool first runs or
+# recovers a flow, exports or deals with attached images; until then the
+# names below are stand-ins that call it.
+_ENGINE = ("actions", "attach", "flows")
+_engine_lock = threading.Lock()
+_engine_loaded = False
+
+
+def load_engine() -> None:
+    """Import the modules of mutating work, once; thread-safe.
+
+    A service calls it in the thread that starts it
+    (``config.open_pool``); otherwise the stand-ins call it when a
+    pool's method first needs one of the modules.
+
+    Never in a worker thread: eventlet, imported by oslo.privsep and by
+    TaskFlow (through futurist), runs a second copy of the ``threading``
+    module as it is imported (``patcher.original('threading')``), and the
+    copy's ``_MainThread()`` calls ``_thread._set_sentinel()`` in the
+    importing thread. That replaces the lock the interpreter releases
+    when the thread ends, so the thread's ``Thread`` object never sees
+    it end: ``join()`` waits forever, and so does the interpreter's exit,
+    which joins every non-daemon thread. The torture workers hung so at
+    exit when a worker thread was the first to import the flows module.
+    The main thread is safe (the exit releases its lock itself), and so
+    is a daemon thread no one joins: off the main thread the imports run
+    in a daemon thread of their own, which the caller waits for on an
+    event. Not to be called while importing a module the engine imports
+    (the daemon thread would wait for the caller's import lock).
+    """
+    global _engine_loaded, actions, attach, flows
+    if _engine_loaded:
+        return
+    with _engine_lock:
+        if _engine_loaded:
+            return
+        if threading.current_thread() is threading.main_thread():
+            _import_engine()
+        else:
+            _import_engine_aside()
+        # The stand-ins give way to the modules themselves.
+        actions, attach, flows = (sys.modules[f"{__package__}.{name}"]
+                                  for name in _ENGINE)
+        _engine_loaded = True
+
+
+def _import_engine() -> None:
+    for name in _ENGINE:
+        importlib.import_module(f"{__package__}.{name}")
+
+
+def _import_engine_aside() -> None:
+    """_import_engine() in a daemon thread (see load_engine)."""
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _import_engine()
+        except BaseException as e:      # raised again in the caller
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="engine-import", daemon=True).start()
+    done.wait()
+    if failed:
+        raise failed[0]
+
+
+class _EngineModule:
+    """Stands for an engine module: loads the engine on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = f"{__package__}.{name}"
+
+    def __getattr__(self, attr: str) -> Any:
+        load_engine()
+        return getattr(sys.modules[self._name], attr)
+
+
+if TYPE_CHECKING:
+    from ovirt_cinder.storage import actions
+    from ovirt_cinder.storage import attach
+    from ovirt_cinder.storage import flows
+else:
+    actions, attach, flows = (_EngineModule(n) for n in _ENGINE)
 
 
 class StoragePool:
@@ -74,7 +169,7 @@ class StoragePool:
                  listeners: Iterable[Callable[[Any], Any]] = (),
                  broken: dict[str, errors.StorageError] | None = None,
                  ownership: sd.Ownership | None = None,
-                 run_path: str = attach.DEFAULT_RUN_PATH) -> None:
+                 run_path: str = sc.DEFAULT_RUN_PATH) -> None:
         self.pool_id = validate.check_uuid(pool_id, "pool id")
         self.domains = {d.sd_id: d for d in domains}
         # Who owns what the engine creates (ovirt_file_owner/_group).
@@ -89,11 +184,12 @@ class StoragePool:
         self._runner: flows.FlowRunner | None = None
         # The outcome of each book in the last recover() pass.
         self._last_outcomes: dict[str, str] = {}
-        # The daemons serving this host's attached images.
-        self.attachments = attach.Attachments(run_path)
-        self.context = actions.Context(domains=self.domains,
-                                       leases=self.lease_manager,
-                                       attachments=self.attachments)
+        # The engine's objects, made on first use (see load_engine), once:
+        # the runner, the attached images' daemons, the flows' context.
+        self._run_path = run_path
+        self._attachments: attach.Attachments | None = None
+        self._context: actions.Context | None = None
+        self._made_lock = threading.RLock()
 
     # Opening and creating
 
@@ -242,12 +338,31 @@ class StoragePool:
 
     @property
     def runner(self) -> flows.FlowRunner:
-        if self._runner is None:
-            conn = self._flow_connection or self.flows_dir
-            self._runner = flows.FlowRunner(
-                conn, owner=self.lease_manager.owner,
-                listeners=self._listeners)
-        return self._runner
+        with self._made_lock:
+            if self._runner is None:
+                conn = self._flow_connection or self.flows_dir
+                self._runner = flows.FlowRunner(
+                    conn, owner=self.lease_manager.owner,
+                    listeners=self._listeners)
+            return self._runner
+
+    @property
+    def attachments(self) -> attach.Attachments:
+        """The daemons serving this host's attached images."""
+        with self._made_lock:
+            if self._attachments is None:
+                self._attachments = attach.Attachments(self._run_path)
+            return self._attachments
+
+    @property
+    def context(self) -> actions.Context:
+        """What the steps of the flows need (:class:`actions.Context`)."""
+        with self._made_lock:
+            if self._context is None:
+                self._context = actions.Context(
+                    domains=self.domains, leases=self.lease_manager,
+                    attachments=self.attachments)
+            return self._context
 
     @contextlib.contextmanager
     def _operation(self, images: Images) -> Iterator[None]:
@@ -316,7 +431,9 @@ class StoragePool:
             outcome = self._recover_one(pending, lease_timeout,
                                         before=before)
             outcomes[pending.book_id] = outcome
-            repeated = outcome == before and outcome in _WAITING
+            # BUSY and SKIPPED leave the book for a later pass.
+            waiting = outcome in (flows.BUSY, flows.SKIPPED)
+            repeated = outcome == before and waiting
             LOG.log(logging.DEBUG if repeated else logging.INFO,
                     "Recovery of flow %s (%s): %s", pending.name,
                     pending.book_id, outcome)

@@ -345,6 +345,62 @@ def test_help_imports_no_engine():
     assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
 
 
+# Runs main(argv) in a new interpreter, DEFAULT_CONFIG_FILE being
+# argv[1]; prints main's output, then its exit code and which of the
+# libraries that make a start slow it imported.
+_WHAT_IMPORTED = """\
+import json, sys
+from ovirt_cinder.cmd import storage
+storage.DEFAULT_CONFIG_FILE = sys.argv[1]
+rc = storage.main(sys.argv[2:])
+slow = ("taskflow", "eventlet", "oslo_privsep", "oslo_config")
+print(json.dumps([rc, [m for m in slow if m in sys.modules]]))
+"""
+
+
+def what_imported(default_config, *argv):
+    """(exit code, slow libraries imported, output) of ``main(argv)``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WHAT_IMPORTED, default_config, *argv],
+        capture_output=True, text=True, cwd=REPO, check=True,
+        env={**os.environ, "PYTHONPATH": REPO})
+    *out, last = proc.stdout.splitlines()
+    rc, imported = json.loads(last)
+    return rc, imported, "\n".join(out)
+
+
+@pytest.mark.parametrize("with_file", [False, True],
+                         ids=["no-config-file", "config-file"])
+def test_read_only_commands_import_no_engine(tmp_path, mount, with_file):
+    """The read-only commands import no TaskFlow, oslo.privsep or eventlet
+    (nor oslo.config when no file is read); a command that changes the
+    pool imports them all and works."""
+    conf = tmp_path / "ovirt-storage.conf"
+    if with_file:
+        conf.write_text(f"[storage]\novirt_lock_path = {tmp_path}/locks\n"
+                        f"ovirt_domain_paths = {mount}\n")
+    read_conf = ["oslo_config"] if with_file else []
+    locks = [] if with_file else ["--lock-path", str(tmp_path / "locks")]
+    paths = [] if with_file else ["-p", mount, *locks]
+
+    rc, _, out = what_imported(
+        str(conf), "pool", "create", "--path", mount, *locks, "--json")
+    assert rc == 0
+    sd = json.loads(out)["master_domain_id"]
+    rc, imported, out = what_imported(
+        str(conf), *paths, "volume", "create", sd, "--size", "1M", "--json")
+    assert rc == 0
+    assert {"taskflow", "eventlet", "oslo_privsep"} <= set(imported)
+    img = json.loads(out)["image_id"]
+
+    for argv, shown in [(["pool", "show"], sd), (["domain", "list"], sd),
+                        (["image", "list", sd], img),
+                        (["image", "show", sd, img], "[leaf]")]:
+        rc, imported, out = what_imported(str(conf), *paths, *argv)
+        assert (rc, imported) == (0, read_conf), argv
+        assert shown in out, argv
+
+
 def test_broken_image_still_shown(capsys, cli_pool):
     paths, sd = cli_pool
     img = run_json(capsys, *paths, "volume", "create", sd,

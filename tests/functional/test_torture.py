@@ -346,3 +346,39 @@ def test_repair_leaves_running_operations_alone(tmp_path):
     assert list(tree.snapshots()) == [snap]
     assert tree.problems() == []
     assert fsck.check(pool).clean
+
+
+# A process whose pool first needs the engine in a worker thread, as a
+# torture worker's does: the pool is opened without it (no TaskFlow, no
+# eventlet yet), then a thread creates a volume. Prints whether the
+# thread could be joined, and the pool's images.
+_FIRST_USE_IN_THREAD = """\
+import sys, threading
+from ovirt_cinder.storage import lease
+from ovirt_cinder.storage.pool import StoragePool
+mount, locks, img = sys.argv[1:]
+manager = lease.LocalLeaseManager(lock_path=locks)
+pool = StoragePool.create(mount, lease_manager=manager)
+assert "eventlet" not in sys.modules, "the engine is already imported"
+sd = pool.master.sd_id
+thread = threading.Thread(target=pool.create_volume, args=(sd, img, 2**20))
+thread.start()
+thread.join(30)
+print("alive" if thread.is_alive() else "joined", pool.list_images(sd))
+"""
+
+
+def test_engine_first_imported_in_a_thread(tmp_path):
+    """The thread ends and the process exits: eventlet's import, which once
+    kept the importing thread from ever being joined, runs in a thread of
+    its own (see pool.load_engine)."""
+    mount = tmp_path / "mnt1"
+    mount.mkdir()
+    img = str(uuid.uuid4())
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIRST_USE_IN_THREAD, str(mount),
+         str(tmp_path / "locks"), img],
+        capture_output=True, text=True, cwd=ROOT, timeout=90,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == f"joined ['{img}']", proc.stdout

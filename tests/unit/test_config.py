@@ -100,6 +100,21 @@ def test_pool_opts():
         assert "Related options" in opt.help, opt.name
 
 
+def test_defaults_without_oslo_config():
+    """DEFAULTS, read without oslo.config, are the options' defaults;
+    POOL_OPTS are declared once, on first use."""
+    assert config.DEFAULTS == {o.dest: o.default for o in config.POOL_OPTS}
+    assert list(config.DEFAULTS) == SHARED
+    assert config.POOL_OPTS is config.POOL_OPTS
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\n"
+         "from ovirt_cinder.storage import config\n"
+         "print('oslo_config' in sys.modules)\n"],
+        capture_output=True, text=True, check=True)
+    assert proc.stdout == "False\n"
+    assert not hasattr(config, "POOL_OPT")
+
+
 def test_declared_once_for_every_component():
     from ovirt_cinder import opts as generator
     from ovirt_cinder.cinder import options
