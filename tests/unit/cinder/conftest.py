@@ -34,6 +34,18 @@ def storage(mounts):
 
 
 @pytest.fixture
+def sd1(storage):
+    """The master domain."""
+    return storage.master.sd_id
+
+
+@pytest.fixture
+def sd2(storage):
+    """The other domain."""
+    return next(s for s in storage.domains if s != storage.master.sd_id)
+
+
+@pytest.fixture
 def config(storage, mounts, tmp_path):
     conf = cfg.CONF
     conf.register_group(cfg.OptGroup(BACKEND))

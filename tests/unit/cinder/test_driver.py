@@ -43,16 +43,6 @@ def uid():
     return str(uuid.uuid4())
 
 
-@pytest.fixture
-def sd1(storage):
-    return storage.master.sd_id
-
-
-@pytest.fixture
-def sd2(storage):
-    return next(s for s in storage.domains if s != storage.master.sd_id)
-
-
 def new_volume(ctx, sd_id, size=1, **kw):
     vid = uid()
     return fake_volume.fake_volume_obj(

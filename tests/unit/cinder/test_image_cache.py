@@ -53,16 +53,6 @@ def glance():
     return CountingImageService()
 
 
-@pytest.fixture
-def sd1(storage):
-    return storage.master.sd_id
-
-
-@pytest.fixture
-def sd2(storage):
-    return next(s for s in storage.domains if s != storage.master.sd_id)
-
-
 def override(**values):
     for name, value in values.items():
         cfg.CONF.set_override(name, value, group="backend_defaults")
